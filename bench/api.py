@@ -1,0 +1,212 @@
+"""The plug-in contracts: forget sets, datasets, methods and evaluators."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+from bench.errors import BenchError
+
+if TYPE_CHECKING:
+    from bench.context import RunContext
+    from bench.sampling import Sampler
+
+
+@dataclass(frozen=True)
+class ForgetSet:
+    """Which conditions to forget, which to keep, and the "safe" anchor class forgotten ones map to."""
+
+    name: str
+    forget: tuple[int, ...]
+    retain: tuple[int, ...]
+    anchor: int
+
+    def __post_init__(self):
+        if not self.forget:
+            raise BenchError(f"forget set {self.name!r} forgets nothing")
+        if not self.retain:
+            raise BenchError(f"forget set {self.name!r} leaves no class to retain")
+        if self.anchor in self.forget:
+            raise BenchError(
+                f"anchor class {self.anchor} of forget set {self.name!r} is inside the forget set"
+            )
+
+    def with_anchor(self, anchor: int) -> ForgetSet:
+        if anchor not in self.retain:
+            raise BenchError(
+                f"anchor {anchor} must be a retained class of forget set {self.name!r}: "
+                f"{', '.join(map(str, self.retain))}"
+            )
+        return ForgetSet(self.name, self.forget, self.retain, anchor)
+
+
+class Dataset(ABC):
+    """A labelled image set read from local files, with forget sets over its classes."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    class_names: ClassVar[tuple[str, ...]]
+    channels: ClassVar[int]
+    native_size: ClassVar[int]
+
+    def __init__(self, data_dir: Path | None = None, image_size: int | None = None):
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.image_size = image_size or self.native_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @abstractmethod
+    def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (N, H, W, C) at native size and int64 labels, for split 'train' or 'test'."""
+
+    def images(self, split: str, classes: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images (N, C, H, W) in [-1, 1] at `image_size`, with labels, optionally of some classes."""
+        x, y = _as_tensors(self, split)
+        if classes is not None:
+            keep = torch.isin(y, torch.tensor(classes))
+            x, y = x[keep], y[keep]
+        return x, y
+
+    # Class forget sets: `class-K` and `classes-A-B-...`.
+    def forget_sets(self) -> list[str]:
+        return [f"class-{k}" for k in range(self.num_classes)] + ["classes-A-B-..."]
+
+    def forget_set(self, name: str) -> ForgetSet:
+        m = re.fullmatch(r"class-(\d+)|classes-(\d+(?:-\d+)+)", name)
+        if not m:
+            raise BenchError(
+                f"unknown forget set {name!r} for dataset {self.name}; valid: class-K (K in 0..{self.num_classes - 1}) "
+                "or classes-A-B-... (several classes)"
+            )
+        forget = tuple(sorted({int(k) for k in (m.group(1) or m.group(2)).split("-")}))
+        bad = [k for k in forget if k >= self.num_classes]
+        if bad:
+            raise BenchError(
+                f"forget set {name!r}: class {bad[0]} does not exist (0..{self.num_classes - 1})"
+            )
+        retain = tuple(k for k in range(self.num_classes) if k not in forget)
+        # The default anchor is the next class after the first forgotten one that is not forgotten.
+        anchor = next(
+            k % self.num_classes
+            for k in range(forget[0] + 1, forget[0] + self.num_classes)
+            if k % self.num_classes not in forget
+        )
+        return ForgetSet(name, forget, retain, anchor)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "classes": list(self.class_names),
+        }
+
+
+_TENSORS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _as_tensors(dataset: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Keyed by what determines the tensors, so two Dataset objects for the same files share one copy.
+    key = (dataset.name, str(dataset.data_dir), dataset.image_size, split)
+    if key not in _TENSORS:
+        arr, labels = dataset.load_split(split)
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        if x.shape[-1] != dataset.image_size:
+            x = torch.nn.functional.interpolate(
+                x, size=dataset.image_size, mode="bilinear", antialias=True, align_corners=False
+            ).clamp_(-1, 1)
+        _TENSORS[key] = (x, torch.from_numpy(labels).long())
+    return _TENSORS[key]
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """How a preset scales a method's paper defaults, and why."""
+
+    overrides: dict[str, Any]
+    why: str
+
+
+class Method(ABC):
+    """An unlearning algorithm: turns the teacher and a forget set into a sampler."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    paper: ClassVar[str]
+    Config: ClassVar[type]
+    requires: ClassVar[frozenset[str]] = frozenset()  # real data it reads: {"forget", "retain"}
+    scaled: ClassVar[dict[str, Scaled]] = {}  # preset name -> budget scaling
+    oracle: ClassVar[bool] = False
+
+    def __init__(self, config):
+        self.config = config
+
+    @abstractmethod
+    def unlearn(self, teacher: Sampler, forget_set: ForgetSet, ctx: RunContext) -> Sampler:
+        """Return the unlearned model; everything outside the model comes through ctx."""
+
+    @classmethod
+    def card(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "paper": cls.paper,
+            "requires": sorted(cls.requires),
+            "oracle": cls.oracle,
+            "defaults": {f.name: (f.default, f.metadata.get("source", "")) for f in fields(cls.Config)},
+            "scaled": {k: {"overrides": v.overrides, "why": v.why} for k, v in cls.scaled.items()},
+        }
+
+
+def param(default, source: str):
+    """A Config field whose default carries where it comes from (paper section or official config)."""
+    return field(default=default, metadata={"source": source})
+
+
+@dataclass
+class SampleSet:
+    """Generated images of the fixed evaluation grid, with what the runner measured while making them."""
+
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1]
+    labels: torch.Tensor  # conditioning class of each image
+    nfe: int  # network evaluations per image
+    sample_s: float
+    unlearn_s: float
+    peak_mem_mb: float
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    subset: str
+    higher_is_better: bool
+    unit: str = ""
+
+
+class Evaluator(ABC):
+    """Turns samples into metric rows; it sees samples and the dataset, never the method."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    metrics: ClassVar[tuple[Metric, ...]]
+
+    @abstractmethod
+    def __call__(self, samples: SampleSet, ctx: EvalContext) -> list[tuple[Metric, float, int]]:
+        """(metric, value, n) for each metric; a value that cannot be computed raises."""
+
+
+@dataclass
+class EvalContext:
+    dataset: Dataset
+    forget_set: ForgetSet
+    judge: torch.nn.Module
+    device: torch.device
+    options: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,207 @@
+"""Command-line interface: parsing and printing only; the work happens in runner, pretrain and report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bench.errors import BenchError, unknown
+
+log = logging.getLogger("bench")
+
+DEFAULT_RESULTS = Path("results") / "default"
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for model compute")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with the datasets (or BENCH_DATA_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench", description="Benchmark machine unlearning in diffusion models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("ls", help="list methods, datasets with their forget sets, evaluators and presets")
+    show = sub.add_parser("show", help="a method's card: paper, defaults with their sources, preset scaling")
+    show.add_argument("name")
+
+    run = sub.add_parser("run", help="run methods x datasets x forget sets x seeds and evaluate them")
+    run.add_argument("--methods", type=_csv, default=None, help="comma-separated (default: all but oracles)")
+    run.add_argument("--datasets", type=_csv, default=["fashion-mnist"])
+    run.add_argument("--forget-sets", type=_csv, default=["class-0"])
+    run.add_argument("--seeds", type=lambda s: [int(v) for v in _csv(s)], default=[0])
+    run.add_argument("--preset", default="default")
+    run.add_argument("--evaluators", type=_csv, default=None, help="comma-separated (default: all)")
+    run.add_argument("--launcher", default="inline")
+    run.add_argument(
+        "--results", type=Path, default=DEFAULT_RESULTS, help=f"sweep folder (default: {DEFAULT_RESULTS})"
+    )
+    run.add_argument("--force", action="store_true", help="redo finished runs")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.FIELD=VALUE")
+    run.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable state dumps")
+    _runtime_args(run)
+
+    pre = sub.add_parser("pretrain", help="train a dataset's teacher and judge into the model store")
+    pre.add_argument("--dataset", default="fashion-mnist")
+    pre.add_argument("--preset", default="default")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument(
+        "--out", type=Path, default=None, help="model store root (default: ~/.cache/unlearn-bench/models)"
+    )
+    _runtime_args(pre)
+    return parser
+
+
+def cmd_ls(args) -> None:
+    from bench.presets import PRESETS
+    from bench.registry import DATASETS, EVALUATORS, METHODS
+
+    print("methods:")
+    for name in METHODS:
+        cls = METHODS.get(name)
+        print(f"  {name:<12} {'(oracle) ' if cls.oracle else ''}{cls.paper}")
+    print("datasets (forget sets):")
+    for name in DATASETS:
+        ds = DATASETS.get(name)()
+        print(f"  {name:<14} {', '.join(ds.forget_sets())}")
+    print("evaluators:")
+    for name in EVALUATORS:
+        ev = EVALUATORS.get(name)
+        print(f"  {name:<16} {', '.join(f'{m.name}[{m.subset}]' for m in ev.metrics)}")
+    print("presets:")
+    for p in PRESETS.values():
+        print(f"  {p.name:<8} {p.description}")
+
+
+def cmd_show(args) -> None:
+    from bench.registry import METHODS
+
+    card = METHODS.get(args.name).card()
+    print(f"{card['name']}{' (oracle)' if card['oracle'] else ''}\n  paper: {card['paper']}")
+    print(f"  requires real data: {', '.join(card['requires']) or 'none (data-free)'}")
+    print("  defaults:")
+    for field, (default, source) in card["defaults"].items():
+        print(f"    {field:<22} {default!s:<12} {source}")
+    for preset, s in card["scaled"].items():
+        print(f"  preset {preset}: {json.dumps(s['overrides'])}\n    why: {s['why']}")
+
+
+def make_specs(args):
+    """Resolve names through the registries (unknown ones list the valid ones) into RunSpecs."""
+    from bench.config import RunSpec, parse_sets
+    from bench.presets import get_preset
+    from bench.registry import DATASETS, EVALUATORS, METHODS
+
+    get_preset(args.preset)
+    methods = args.methods or [m for m in METHODS if not METHODS.get(m).oracle]
+    classes = {m: METHODS.get(m) for m in methods}
+    evaluators = tuple(args.evaluators or EVALUATORS.names())
+    for e in evaluators:
+        EVALUATORS.get(e)
+    sets = parse_sets(args.sets, {m: c.Config for m, c in classes.items()})
+    specs = []
+    for ds_name in args.datasets:
+        ds = DATASETS.get(ds_name)(data_dir=args.data_dir)
+        for fs in args.forget_sets:
+            ds.forget_set(fs)
+            for m in methods:
+                from bench.config import resolve_config
+
+                resolve_config(classes[m], args.preset, sets.get(m, {}))  # fails early on bad values
+                for seed in args.seeds:
+                    specs.append(RunSpec(method=m, dataset=ds_name, forget_set=fs, seed=seed, preset=args.preset,
+                                         overrides=tuple(sorted(sets.get(m, {}).items())), evaluators=evaluators))  # fmt: skip
+    return specs
+
+
+def summary_table(rows) -> str:
+    """A compact pivot of result rows: one line per (dataset, forget set, method), mean over seeds."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df["column"] = df["metric"] + "[" + df["subset"] + "]"
+    keep = ["accuracy[forget]", "accuracy[retain]", "to_anchor[forget]", "fd_judge[retain]", "unlearn_s[all]",
+            "images_per_s[all]", "nfe[all]"]  # fmt: skip
+    order = list(dict.fromkeys(df["method"]))
+    table = df.pivot_table(index=["dataset", "forget_set", "method"], columns="column", values="value",
+                           aggfunc="mean", sort=False)  # fmt: skip
+    table = table[[c for c in keep if c in table.columns] + [c for c in table.columns if c not in keep]]
+    table = table.reindex(sorted(table.index, key=lambda i: (i[0], i[1], order.index(i[2]))))
+    seeds = df.groupby(["dataset", "forget_set", "method"])["seed"].nunique()
+    table.insert(0, "seeds", seeds.reindex(table.index).values)
+    return table.to_string(float_format=lambda v: f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}")
+
+
+def cmd_run(args) -> None:
+    from bench import runner, store
+    from bench.context import Runtime
+
+    if args.launcher != "inline":
+        raise unknown("launcher", args.launcher, ["inline"])
+    specs = make_specs(args)
+    todo = [s for s in specs if runner.plan(s, args.results, force=args.force)]
+    print(f"{len(specs)} runs, {len(todo)} to do, results in {args.results}")
+    if args.dry_run:
+        for s in specs:
+            print(f"  {'todo' if s in todo else 'done'}  {s.run_id}")
+        return
+    runtime = Runtime(device=args.device, amp=args.amp, data_dir=args.data_dir, checkpoint_every=args.checkpoint_every,
+                      progress=sys.stderr.isatty())  # fmt: skip
+    runtime.torch_device  # fail early on an unavailable device
+    rows = []
+    for i, spec in enumerate(todo, 1):
+        log.info("[%d/%d] %s", i, len(todo), spec.run_id)
+        d = runner.execute(spec, args.results, runtime, force=args.force)
+        rows += store.read_metrics(d / "metrics.jsonl")
+    if rows:
+        print(summary_table(rows))
+
+
+def cmd_pretrain(args) -> None:
+    import torch
+
+    from bench.context import Runtime
+    from bench.models.store import user_store
+    from bench.presets import get_preset
+    from bench.pretrain import pretrain
+    from bench.registry import DATASETS
+
+    preset = get_preset(args.preset)
+    dataset = DATASETS.get(args.dataset)(data_dir=args.data_dir, image_size=preset.image_size)
+    device = Runtime(device=args.device).torch_device
+    torch.manual_seed(args.seed)
+    out = pretrain(
+        dataset, preset, seed=args.seed, out_root=args.out or user_store(), device=device, amp=args.amp
+    )
+    print(f"teacher and judge written to {out}")
+    print((out / "MANIFEST.json").read_text())
+
+
+COMMANDS = {"ls": cmd_ls, "show": cmd_show, "run": cmd_run, "pretrain": cmd_pretrain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("diffusers", "torchmetrics", "timm"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        COMMANDS[args.command](args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

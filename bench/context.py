@@ -1,0 +1,111 @@
+"""RunContext: a method's only window on the world (device, seeds, progress, logs, resume, data)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.api import Dataset, ForgetSet
+from bench.errors import BenchError
+from bench.presets import Preset
+from bench.training import load_state, save_state
+
+
+@dataclass
+class Runtime:
+    """Where and how runs execute; none of it changes what a run computes, so none of it is in the run id."""
+
+    device: str = "cpu"
+    amp: bool = False  # bf16 autocast
+    data_dir: Path | None = None
+    checkpoint_every: int = 50  # steps between state dumps
+    progress: bool = True
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BenchError(
+                f"--device {self.device}: CUDA is not available on this machine; use --device cpu"
+            )
+        return torch.device(self.device)
+
+
+@dataclass
+class RunContext:
+    """Seeds, progress, scalar logs, state dumps for resume, and the real data a method `requires`."""
+
+    run_dir: Path
+    seed: int
+    preset: Preset
+    dataset: Dataset
+    forget_set: ForgetSet
+    requires: frozenset[str]
+    runtime: Runtime = field(default_factory=Runtime)
+    _generators: dict[str, torch.Generator] = field(default_factory=dict)
+    _started: float = field(default_factory=time.perf_counter)
+    elapsed_before: float = 0.0  # unlearning seconds spent in earlier, interrupted attempts
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.torch_device
+
+    @property
+    def amp(self) -> bool:
+        return self.runtime.amp
+
+    def generator(self, name: str) -> torch.Generator:
+        """A CPU generator derived from the run seed and `name`; its state is part of every state dump."""
+        if name not in self._generators:
+            sub = int(hashlib.sha256(f"{self.seed}/{name}".encode()).hexdigest()[:15], 16)
+            self._generators[name] = torch.Generator().manual_seed(sub)
+        return self._generators[name]
+
+    def progress(self, total: int, desc: str, initial: int = 0):
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", mininterval=2,
+                    disable=not self.runtime.progress, leave=False)  # fmt: skip
+
+    def log(self, step: int, **scalars: float) -> None:
+        with open(self.run_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    # Resume: a method dumps its state every `checkpoint_every` steps and loads it at the start.
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "state" / "state.pt"
+
+    def should_save(self, step: int) -> bool:
+        return step % self.runtime.checkpoint_every == 0
+
+    def save_state(self, state: dict) -> None:
+        extra = {"_generators": {k: g.get_state() for k, g in self._generators.items()},
+                 "_elapsed": self.elapsed_before + time.perf_counter() - self._started}  # fmt: skip
+        save_state(self.state_path, {**state, **extra})
+
+    def load_state(self) -> dict | None:
+        """The last dumped state (restoring the generators), or None on a fresh start."""
+        if not self.state_path.is_file():
+            return None
+        state = load_state(self.state_path)
+        for name, s in state.pop("_generators").items():
+            self.generator(name).set_state(s)
+        self.elapsed_before = state.pop("_elapsed")
+        self._started = time.perf_counter()
+        return state
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self._started
+
+    def data(self, which: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Real images of the forgotten ('forget') or retained ('retain') classes, if the method requires them."""
+        if which not in self.requires:
+            raise BenchError(
+                f"this method declares requires={sorted(self.requires)} but asked for {which!r} data"
+            )
+        classes = self.forget_set.forget if which == "forget" else self.forget_set.retain
+        return self.dataset.images(split, classes)

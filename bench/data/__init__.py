@@ -1,0 +1,3 @@
+"""Datasets: each module registers itself in DATASETS on import."""
+
+from bench.data import fashion_mnist  # noqa: F401

@@ -1,0 +1,1 @@
+"""Teacher backbones (class-conditional diffusers UNets) and judge classifiers."""

@@ -1,0 +1,93 @@
+"""Presets: the scale of a run (resolution, teacher and judge recipes, sampler, evaluation grid)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.errors import unknown
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """A class-conditional DDPM (diffusers UNet2DModel) and how it is pretrained."""
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    attention: tuple[bool, ...]  # per resolution level, highest resolution first
+    norm_num_groups: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    ema_decay: float
+    label_dropout: float = 0.1  # null-label dropout for classifier-free guidance (SA/SalUn/SFD DDPM configs)
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class JudgeRecipe:
+    """The judge classifier (its penultimate features also serve the FID evaluator)."""
+
+    widths: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    image_size: int | None  # None keeps each dataset's native resolution
+    teacher: TeacherRecipe
+    judge: JudgeRecipe
+    sampler_steps: int  # DDIM steps for multi-step models
+    guidance: float  # classifier-free guidance scale (1 = conditional only, no unconditional pass)
+    eta: float  # DDIM eta (0 deterministic DDIM, 1 ancestral DDPM)
+    eval_per_class: int  # generated images per class on the evaluation grid
+    models_from: str = ""  # preset whose teacher and judge this one reuses
+
+    @property
+    def model_key(self) -> str:
+        return self.models_from or self.name
+
+
+_DEFAULT_TEACHER = TeacherRecipe(
+    block_out_channels=(32, 64, 64), layers_per_block=1, attention=(False, False, True), norm_num_groups=8,
+    steps=6000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+)  # fmt: skip
+_DEFAULT_JUDGE = JudgeRecipe(widths=(32, 64, 128), epochs=8, batch_size=128, lr=2e-3)
+
+PRESETS = {
+    "smoke": Preset(
+        name="smoke",
+        description="seconds per run, for tests: the default preset's models, tiny budgets and grids",
+        image_size=16, teacher=_DEFAULT_TEACHER, judge=_DEFAULT_JUDGE,
+        sampler_steps=10, guidance=1.0, eta=0.0, eval_per_class=20, models_from="default",
+    ),
+    "default": Preset(
+        name="default",
+        description="the 2-core CPU default: 16x16 images, a 1.1M-parameter UNet, budgets scaled down from the papers",
+        image_size=16, teacher=_DEFAULT_TEACHER, judge=_DEFAULT_JUDGE,
+        sampler_steps=25, guidance=1.0, eta=0.0, eval_per_class=100,
+    ),
+    "paper": Preset(
+        name="paper",
+        description="the papers' budgets at full resolution (GPUs on SLURM): the CIFAR-10 DDPM recipe of the "
+        "SA/SalUn/SFD code (800k iterations, batch 128, lr 2e-4), 1000-step sampling with guidance 3 "
+        "(their cond_scale 2), 5000 images per class",
+        image_size=None,
+        teacher=TeacherRecipe(
+            block_out_channels=(128, 256, 256, 256), layers_per_block=2, attention=(False, True, False, False),
+            norm_num_groups=32, steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+        ),
+        judge=JudgeRecipe(widths=(64, 128, 256), epochs=30, batch_size=128, lr=1e-3),
+        sampler_steps=1000, guidance=3.0, eta=1.0, eval_per_class=5000,
+    ),
+}  # fmt: skip
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise unknown("preset", name, PRESETS)
+    return PRESETS[name]

@@ -1,0 +1,158 @@
+"""Pretraining of a dataset's teacher (class-conditional DDPM) and judge (classifier), resumable."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bench.api import Dataset
+from bench.models import store
+from bench.models.judge import JudgeCNN, judge_probs
+from bench.models.unet import build_unet
+from bench.presets import Preset
+from bench.sampling import DiffusionModel
+from bench.training import EMA, ddpm_loss, load_state, save_state, warmup_lambda
+
+log = logging.getLogger(__name__)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and a random shift of up to 2 pixels (one shift per batch)."""
+    flip = torch.rand(len(x), generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+    padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    h, w = x.shape[-2:]
+    return padded[..., 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+
+
+def train_judge(
+    dataset: Dataset, preset: Preset, *, seed: int, device: torch.device
+) -> tuple[JudgeCNN, float]:
+    """Train the judge on the train split; return it with its accuracy on the real test split."""
+    recipe = preset.judge
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, y = dataset.images("train")
+    judge = JudgeCNN(in_chans=dataset.channels, num_classes=dataset.num_classes, widths=recipe.widths).to(
+        device
+    )
+    steps_per_epoch = len(x) // recipe.batch_size
+    opt = torch.optim.AdamW(judge.parameters(), lr=recipe.lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch
+    )
+    bar = tqdm(total=recipe.epochs * steps_per_epoch, desc="judge", unit="step", mininterval=2)
+    for _ in range(recipe.epochs):
+        judge.train()
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(steps_per_epoch):
+            idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+            xb = _augment(x[idx], g).to(device)
+            loss = F.cross_entropy(judge(xb), y[idx].to(device), label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    judge.eval()
+    xt, yt = dataset.images("test")
+    acc = (judge_probs(judge, xt, device=device).argmax(-1) == yt).float().mean().item()
+    return judge.cpu(), acc
+
+
+def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.device, state_path: Path,
+                  checkpoint_every: int = 250, amp: bool = False) -> DiffusionModel:  # fmt: skip
+    """DDPM training (epsilon MSE, null-label dropout for guidance, EMA); resumes from `state_path`."""
+    recipe = preset.teacher
+    unet = build_unet(recipe, image_size=dataset.image_size, channels=dataset.channels,
+                      num_classes=dataset.num_classes).to(device)  # fmt: skip
+    ema = EMA(unet, recipe.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(recipe.warmup_steps))
+    g = torch.Generator().manual_seed(seed)
+    start = 0
+    if state_path.is_file():
+        state = load_state(state_path)
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        g.set_state(state["rng"])
+        start = state["step"]
+        log.info("resuming teacher training at step %d from %s", start, state_path)
+    x, y = dataset.images("train")
+    null = dataset.num_classes
+    bar = tqdm(total=recipe.steps, initial=start, desc="teacher", unit="step", mininterval=2)
+    unet.train()
+    for step in range(start, recipe.steps):
+        idx = torch.randint(len(x), (recipe.batch_size,), generator=g)
+        x0, labels = x[idx], y[idx].clone()
+        labels[torch.rand(len(labels), generator=g) < recipe.label_dropout] = null
+        loss = ddpm_loss(unet, x0, labels, g, device=device, amp=amp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update(unet)
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps:
+            save_state(state_path, {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                    "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1})  # fmt: skip
+    bar.close()
+    return DiffusionModel(ema.model.cpu())
+
+
+def recognisability(teacher: DiffusionModel, judge, preset: Preset, *, num_classes: int, per_class: int,
+                    device: torch.device, seed: int = 0) -> list[float]:  # fmt: skip
+    """Per class: the fraction of the teacher's samples that the judge labels as their conditioning class."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    seeds = [seed * 1_000_003 + i for i in range(len(labels))]
+    images = teacher.sample(labels, seeds, steps=preset.sampler_steps, guidance=preset.guidance,
+                            eta=preset.eta, device=device)  # fmt: skip
+    pred = judge_probs(judge, images, device=device).argmax(-1)
+    return [(pred[labels == k] == k).float().mean().item() for k in range(num_classes)]
+
+
+def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, device: torch.device,
+             amp: bool = False) -> Path:  # fmt: skip
+    """Train (or finish training) the judge and the teacher for (dataset, preset, seed) into the store."""
+    out = store.model_dir(out_root, dataset.name, preset.model_key, seed)
+    t0 = time.time()
+    judge_dir = out / "judge"
+    if (judge_dir / "model.safetensors").is_file():
+        judge = store.load_judge(judge_dir)
+        xt, yt = dataset.images("test")
+        judge_acc = (judge_probs(judge, xt, device=device).argmax(-1) == yt).float().mean().item()
+    else:
+        judge, judge_acc = train_judge(dataset, preset, seed=seed, device=device)
+        store.save_judge(judge, judge_dir, widths=preset.judge.widths)
+    log.info("judge test accuracy %.4f", judge_acc)
+    teacher = train_teacher(
+        dataset, preset, seed=seed, device=device, state_path=out / "teacher_state.pt", amp=amp
+    )
+    teacher.save(out / "teacher")
+    per_class = recognisability(teacher, judge, preset, num_classes=dataset.num_classes, per_class=100,
+                                device=device)  # fmt: skip
+    command = (f"bench pretrain --dataset {dataset.name} --preset {preset.model_key} --seed {seed} "
+               f"--out {shlex.quote(str(out_root))}")  # fmt: skip
+    store.write_manifest(
+        out, command=command, seed=seed, dataset=dataset.describe(), preset=preset.model_key,
+        judge_test_accuracy=round(judge_acc, 4),
+        teacher_recognised={"mean": round(sum(per_class) / len(per_class), 4),
+                            "per_class": [round(p, 3) for p in per_class], "per_class_n": 100,
+                            "sampler": {"steps": preset.sampler_steps, "guidance": preset.guidance, "eta": preset.eta}},
+        torch=torch.__version__, seconds_this_session=round(time.time() - t0, 1),
+    )  # fmt: skip
+    (out / "teacher_state.pt").unlink(missing_ok=True)
+    return out

@@ -1,0 +1,186 @@
+"""execute(spec): the one place that sequences load -> unlearn -> sample -> evaluate -> write."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bench import store
+from bench.api import EvalContext, SampleSet
+from bench.config import RunSpec, resolve_config
+from bench.context import RunContext, Runtime
+from bench.errors import BenchError
+from bench.models import store as model_store
+from bench.presets import get_preset
+from bench.registry import DATASETS, EVALUATORS, METHODS
+from bench.sampling import load_sampler
+
+log = logging.getLogger(__name__)
+
+GRID_PER_CLASS = 8  # images per class kept as the run's sample grid (for `bench report`)
+TEACHER_SEED = (
+    0  # every run of a (dataset, preset) shares one teacher, so runs differ only by method and seed
+)
+
+
+def environment(device: torch.device) -> dict:
+    """Provenance of a run: code revision, library versions, device."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    libs = (
+        "torch",
+        "torchvision",
+        "diffusers",
+        "torchmetrics",
+        "torch-fidelity",
+        "timm",
+        "numpy",
+        "unlearn-bench",
+    )
+    versions = {}
+    for lib in libs:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {"git_revision": rev, "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(device), "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch_threads": torch.get_num_threads(), "versions": versions}  # fmt: skip
+
+
+def load_models(dataset, preset):
+    """The (teacher, judge, manifest) for this dataset and preset, checksum-verified."""
+    found = model_store.find_models(dataset.name, preset.model_key, TEACHER_SEED)
+    if found is None:
+        raise BenchError(
+            f"no pretrained teacher and judge for dataset {dataset.name!r} at preset {preset.model_key!r}; "
+            f"train them with `python -m bench pretrain --dataset {dataset.name} --preset {preset.model_key}` "
+            f"(they go to {model_store.user_store()})"
+        )
+    manifest = model_store.verify(found)
+    teacher, judge = model_store.load_teacher(found / "teacher"), model_store.load_judge(found / "judge")
+    if teacher.image_shape != (dataset.channels, dataset.image_size, dataset.image_size):
+        raise BenchError(f"teacher in {found} makes {teacher.image_shape} images, dataset needs "
+                         f"{(dataset.channels, dataset.image_size, dataset.image_size)}")  # fmt: skip
+    return teacher, judge, {"path": str(found), "command": manifest.get("command")}
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def eval_grid(num_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """Labels and per-image seeds of the evaluation grid: image j of class c has the same seed in every method."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    seeds = [seed * 10_000_019 + c * 100_003 + j for c in range(num_classes) for j in range(per_class)]
+    return labels, seeds
+
+
+def plan(spec: RunSpec, results: Path, *, force: bool) -> bool:
+    """True when the run must execute; a finished run is checked (its metrics must parse) and skipped."""
+    d = store.run_dir(results, spec.run_id)
+    if force or not store.is_done(d):
+        return True
+    store.read_metrics(d / "metrics.jsonl")
+    return False
+
+
+def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = False) -> Path:
+    """Run one spec to completion (resuming whatever an interrupted attempt left) and return its directory."""
+    d = store.run_dir(results, spec.run_id)
+    if force and d.exists():
+        shutil.rmtree(d)
+    if store.is_done(d):
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    device = runtime.torch_device
+    preset = get_preset(spec.preset)
+    dataset = DATASETS.get(spec.dataset)(data_dir=runtime.data_dir, image_size=preset.image_size)
+    forget_set = dataset.forget_set(spec.forget_set)
+    method_cls = METHODS.get(spec.method)
+    config = resolve_config(method_cls, spec.preset, dict(spec.overrides))
+    evaluators = [EVALUATORS.get(name)() for name in spec.evaluators]
+    teacher, judge, teacher_info = load_models(dataset, preset)
+    store.write_json(d / "spec.json", {**spec.to_dict(), "run_id": spec.run_id, "config": vars(config),
+                                       "teacher": teacher_info, "forget": forget_set.forget,
+                                       "anchor": forget_set.anchor})  # fmt: skip
+    store.write_json(d / "env.json", environment(device))
+
+    torch.manual_seed(spec.seed)
+    _reset_peak_memory(device)
+    model_dir = d / "model"
+    if (model_dir / "unlearn.json").is_file():  # unlearning finished before an interruption
+        model = load_sampler(model_dir)
+        unlearn_s = json.loads((model_dir / "unlearn.json").read_text())["unlearn_s"]
+    else:
+        ctx = RunContext(run_dir=d, seed=spec.seed, preset=preset, dataset=dataset, forget_set=forget_set,
+                         requires=method_cls.requires, runtime=runtime)  # fmt: skip
+        teacher.unet.to(device)
+        log.info("%s: unlearning %s with %s", spec.run_id, forget_set.name, spec.method)
+        model = method_cls(config).unlearn(teacher, forget_set, ctx)
+        unlearn_s = ctx.elapsed()
+        tmp = d / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save(tmp)
+        store.write_json(tmp / "unlearn.json", {"unlearn_s": unlearn_s})
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tmp.rename(model_dir)
+        shutil.rmtree(d / "state", ignore_errors=True)
+
+    labels, seeds = eval_grid(dataset.num_classes, preset.eval_per_class, spec.seed)
+    t0 = time.perf_counter()
+    images = model.sample(labels, seeds, steps=preset.sampler_steps, guidance=preset.guidance, eta=preset.eta,
+                          device=device, amp=runtime.amp)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sample_s = time.perf_counter() - t0
+    samples = SampleSet(images=images, labels=labels, nfe=model.nfe(steps=preset.sampler_steps, guidance=preset.guidance),
+                        sample_s=sample_s, unlearn_s=unlearn_s, peak_mem_mb=_peak_memory_mb(device))  # fmt: skip
+    grid = images.view(dataset.num_classes, preset.eval_per_class, *images.shape[1:])[:, :GRID_PER_CLASS]
+    save_file(
+        {"images": ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).contiguous()},
+        d / "samples.safetensors",
+    )
+
+    ectx = EvalContext(dataset=dataset, forget_set=forget_set, judge=judge, device=device)
+    rows = []
+    for ev in evaluators:
+        for metric, value, n in ev(samples, ectx):
+            rows.append({"run_id": spec.run_id, "method": spec.method, "dataset": spec.dataset,
+                         "forget_set": spec.forget_set, "seed": spec.seed, "evaluator": ev.name,
+                         "metric": metric.name, "subset": metric.subset, "value": float(value), "n": int(n),
+                         "higher_is_better": metric.higher_is_better, "unit": metric.unit, "preset": spec.preset,
+                         "evaluator_version": ev.version, "method_version": method_cls.version})  # fmt: skip
+    store.write_metrics(d / "metrics.jsonl", rows)
+    store.mark_done(d)
+    return d

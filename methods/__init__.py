@@ -1,0 +1,3 @@
+"""Unlearning methods: each module registers itself in METHODS on import."""
+
+from methods import finetune, original  # noqa: F401
