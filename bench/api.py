@@ -63,6 +63,9 @@ class Dataset(ABC):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def check(self) -> None:
+        """Raise a BenchError naming the expected files when the data is not on disk (cheap: no reading)."""
+
     @abstractmethod
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (N, H, W, C) at native size and int64 labels, for split 'train' or 'test'."""
@@ -149,6 +152,9 @@ class Method(ABC):
 
     def __init__(self, config):
         self.config = config
+
+    def validate(self, forget_set: ForgetSet) -> None:
+        """Raise a BenchError when the config cannot run on this forget set (checked before any run starts)."""
 
     @abstractmethod
     def unlearn(self, teacher: Sampler, forget_set: ForgetSet, ctx: RunContext) -> Sampler:

@@ -99,7 +99,7 @@ def cmd_show(args) -> None:
 
 def make_specs(args):
     """Resolve names through the registries (unknown ones list the valid ones) into RunSpecs."""
-    from bench.config import RunSpec, parse_sets
+    from bench.config import RunSpec, parse_sets, resolve_config
     from bench.presets import get_preset
     from bench.registry import DATASETS, EVALUATORS, METHODS
 
@@ -113,15 +113,16 @@ def make_specs(args):
     specs = []
     for ds_name in args.datasets:
         ds = DATASETS.get(ds_name)(data_dir=args.data_dir)
-        for fs in args.forget_sets:
-            ds.forget_set(fs)
+        for fs_name in args.forget_sets:
+            forget_set = ds.forget_set(fs_name)
             for m in methods:
-                from bench.config import resolve_config
-
-                resolve_config(classes[m], args.preset, sets.get(m, {}))  # fails early on bad values
+                # Fail on bad values before any run starts, so no earlier result is touched.
+                classes[m](resolve_config(classes[m], args.preset, sets.get(m, {}))).validate(forget_set)
                 for seed in args.seeds:
-                    specs.append(RunSpec(method=m, dataset=ds_name, forget_set=fs, seed=seed, preset=args.preset,
+                    specs.append(RunSpec(method=m, dataset=ds_name, forget_set=fs_name, seed=seed, preset=args.preset,
                                          overrides=tuple(sorted(sets.get(m, {}).items())), evaluators=evaluators))  # fmt: skip
+        if not args.dry_run:
+            ds.check()
     return specs
 
 
@@ -158,7 +159,7 @@ def cmd_run(args) -> None:
         return
     runtime = Runtime(device=args.device, amp=args.amp, data_dir=args.data_dir, checkpoint_every=args.checkpoint_every,
                       progress=sys.stderr.isatty())  # fmt: skip
-    runtime.torch_device  # fail early on an unavailable device
+    runtime.check()
     rows = []
     for i, spec in enumerate(todo, 1):
         log.info("[%d/%d] %s", i, len(todo), spec.run_id)

@@ -27,6 +27,10 @@ class Runtime:
     checkpoint_every: int = 50  # steps between state dumps
     progress: bool = True
 
+    def check(self) -> None:
+        """Fail early on an unavailable device."""
+        _ = self.torch_device
+
     @property
     def torch_device(self) -> torch.device:
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -81,10 +82,8 @@ def load_models(dataset, preset):
 def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+    with contextlib.suppress(OSError):  # Linux: writing 5 resets the process's peak resident set (VmHWM)
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _peak_memory_mb(device: torch.device) -> float:

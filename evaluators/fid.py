@@ -34,7 +34,6 @@ def frechet_distance(
     """FID formula (torchmetrics) on judge features; images are float tensors in [-1, 1]."""
     judge.eval()
     fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), reset_real_features=True).to(device)
-    fid.set_dtype(torch.float64)
     with torch.no_grad():
         for imgs, is_real in ((real, True), (fake, False)):
             for i in range(0, len(imgs), batch_size):

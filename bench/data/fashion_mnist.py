@@ -48,6 +48,11 @@ class FashionMNIST(Dataset):
             "into a folder given with --data-dir or BENCH_DATA_DIR."
         )
 
+    def check(self) -> None:
+        for stems in FILES.values():
+            for stem in stems:
+                self._find(stem)
+
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         images_stem, labels_stem = FILES[split]
         images, labels = read_idx(self._find(images_stem)), read_idx(self._find(labels_stem))

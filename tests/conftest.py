@@ -1,0 +1,41 @@
+"""Shared fixtures: offline hub settings, a Fashion-MNIST folder in the real IDX format, tiny models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.data.idx import write_idx
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture_images() -> tuple[np.ndarray, np.ndarray]:
+    f = np.load(FIXTURES / "fashion_mnist_test_500.npz")
+    return f["images"], f["labels"]
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> Path:
+    """The 500 real fixture images written as the four gzipped IDX files (train and test alike)."""
+    d = tmp_path_factory.mktemp("data") / "fashion-mnist"
+    d.mkdir()
+    images, labels = fixture_images()
+    for prefix in ("train", "t10k"):
+        write_idx(d / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
