@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="model store root (default: ~/.cache/unlearn-bench/models)"
     )
     _runtime_args(pre)
+    perf = sub.add_parser("perf", help="performance benchmarks (JSON under results/benchmarks/)")
+    perf.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    perf.add_argument("--device", default="cpu")
+    perf.add_argument("--amp", action="store_true", help="bf16 autocast")
     return parser
 
 
@@ -189,7 +193,22 @@ def cmd_pretrain(args) -> None:
     print((out / "MANIFEST.json").read_text())
 
 
-COMMANDS = {"ls": cmd_ls, "show": cmd_show, "run": cmd_run, "pretrain": cmd_pretrain}
+def cmd_perf(args) -> None:
+    import importlib
+
+    from bench.context import Runtime
+    from benchmarks import BENCHMARKS
+
+    for name in args.names or list(BENCHMARKS):
+        if name not in BENCHMARKS:
+            raise unknown("benchmark", name, BENCHMARKS)
+    device = Runtime(device=args.device).torch_device
+    for name in args.names or list(BENCHMARKS):
+        print(f"== {name}")
+        importlib.import_module(BENCHMARKS[name]).run(device, amp=args.amp)
+
+
+COMMANDS = {"ls": cmd_ls, "show": cmd_show, "run": cmd_run, "pretrain": cmd_pretrain, "perf": cmd_perf}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,44 @@
+"""Sampling speed: the one-step generator versus the teacher's K-step DDIM and 1000-step DDPM samplers.
+
+All three run the same network (the SFD generator has the teacher's architecture, and weights do not change
+cost) on the same batch in one process, so the ratios are fair: ideally K and 1000 (x2 with guidance).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.presets import get_preset
+from bench.sampling import OneStepGenerator
+from benchmarks.common import shipped, timed, write
+
+
+def run(device: torch.device, *, batch_size: int = 250, amp: bool = False, ddpm_steps: int = 1000) -> dict:
+    preset = get_preset("default")
+    teacher, _ = shipped()
+    generator = OneStepGenerator(teacher.unet, t_init=440)
+    labels = torch.arange(batch_size) % teacher.num_classes
+    seeds = list(range(batch_size))
+    rows = {}
+    cases = [("sfd one-step", generator, 1, preset.guidance, 0.0, 3.0),
+             (f"teacher DDIM-{preset.sampler_steps}", teacher, preset.sampler_steps, preset.guidance, 0.0, 3.0),
+             (f"teacher DDPM-{ddpm_steps}", teacher, ddpm_steps, preset.guidance, 1.0, 0.0)]  # fmt: skip
+    for name, model, steps, guidance, eta, min_s in cases:
+
+        def once(model=model, steps=steps, guidance=guidance, eta=eta):
+            return model.sample(labels, seeds, steps=steps, guidance=guidance, eta=eta, batch_size=batch_size,
+                                device=device, amp=amp)  # fmt: skip
+
+        seconds = timed(once, device, min_seconds=min_s, warmup=1 if min_s else 0)
+        rows[name] = {"nfe": model.nfe(steps=steps, guidance=guidance), "seconds_per_batch": seconds,
+                      "images_per_s": batch_size / seconds}  # fmt: skip
+    base = rows["sfd one-step"]["images_per_s"]
+    for r in rows.values():
+        r["one_step_speedup"] = base / r["images_per_s"]
+    figures = {"device": str(device), "batch_size": batch_size, "amp": amp, "rows": rows}
+    path = write("sampling", figures)
+    print(f"{'sampler':<22}{'NFE':>6}{'img/s':>10}{'one-step speed-up':>20}")
+    for name, r in rows.items():
+        print(f"{name:<22}{r['nfe']:>6}{r['images_per_s']:>10.1f}{r['one_step_speedup']:>19.1f}x")
+    print(f"written to {path}")
+    return figures
