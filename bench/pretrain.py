@@ -73,6 +73,7 @@ def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.
                   checkpoint_every: int = 250, amp: bool = False) -> DiffusionModel:  # fmt: skip
     """DDPM training (epsilon MSE, null-label dropout for guidance, EMA); resumes from `state_path`."""
     recipe = preset.teacher
+    torch.manual_seed(seed)  # the initial weights depend on the seed alone, not on what ran before
     unet = build_unet(recipe, image_size=dataset.image_size, channels=dataset.channels,
                       num_classes=dataset.num_classes).to(device)  # fmt: skip
     ema = EMA(unet, recipe.ema_decay)

@@ -1,3 +1,3 @@
 """Unlearning methods: each module registers itself in METHODS on import."""
 
-from methods import finetune, original, sfd  # noqa: F401
+from methods import esd, finetune, original, retrain, sa, salun, sfd  # noqa: F401

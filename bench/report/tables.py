@@ -115,13 +115,22 @@ def wide_csv(summary: pd.DataFrame) -> pd.DataFrame:
 # ---- formatting -------------------------------------------------------------------------------------------
 
 
-def decimals(value: float, percent: bool) -> int:
-    """One decimal for percentages, else three significant digits (no scientific notation)."""
+def significant(value: float, digits: int) -> int:
+    """Decimals that show `digits` significant digits of `value` (no scientific notation, at most 6)."""
+    if value == 0 or not math.isfinite(value):
+        return 0
+    return min(6, max(0, digits - 1 - math.floor(math.log10(abs(value)))))
+
+
+def column_decimals(means: pd.Series, percent: bool) -> int:
+    """One decimal for percentages, none for counts (NFE), else three significant digits of the column's median:
+    one precision per column reads better than a different one per cell."""
+    means = means.dropna().astype(float)
     if percent:
         return 1
-    if not math.isfinite(value) or value == 0:
-        return 0 if value == 0 else 2
-    return min(6, max(0, 2 - math.floor(math.log10(abs(value)))))
+    if means.empty or all(v.is_integer() for v in means):
+        return 0
+    return significant(float(means.abs().median()), 3)
 
 
 def fmt(value: float, d: int) -> str:
@@ -151,6 +160,7 @@ class Table:
     std: pd.DataFrame
     count: pd.DataFrame
     runs: pd.Series  # runs per method (the row's n)
+    decimals: dict[str, int]  # per column
 
     @property
     def name(self) -> str:
@@ -161,9 +171,10 @@ class Table:
         if pd.isna(v):
             return None
         v = float(v) * (100 if col.percent else 1)
-        s = self.std.at[method, col.key]
-        exact = v.is_integer() and (pd.isna(s) or s == 0)  # counts such as NFE read better without decimals
-        d = 0 if exact and not col.percent else decimals(v, col.percent)
+        # A value far below its column's scale (the untouched teacher's ~0 s) still gets two significant digits.
+        d = self.decimals[col.key]
+        if not col.percent and not v.is_integer():
+            d = max(d, significant(v, 2))
         return round(v, d), d
 
     def cell(self, method: str, col: Column, pm: str) -> str:
@@ -219,8 +230,12 @@ def build_tables(summary: pd.DataFrame) -> list[Table]:
             piv = {s: sub.pivot(index="method", columns="column", values=s).reindex(index=methods, columns=keys)
                    for s in ("mean", "std", "count")}  # fmt: skip
             piv["count"] = piv["count"].fillna(0)
+            places = {
+                c.key: column_decimals(piv["mean"][c.key] * (100 if c.percent else 1), c.percent)
+                for c in columns
+            }
             tables.append(Table(*group, kind=kind, methods=methods, columns=columns, runs=runs.reindex(methods),
-                                mean=piv["mean"], std=piv["std"], count=piv["count"]))  # fmt: skip
+                                mean=piv["mean"], std=piv["std"], count=piv["count"], decimals=places))  # fmt: skip
     return tables
 
 

@@ -1,0 +1,528 @@
+"""Where runs execute: in this process (`inline`), in local processes (`local`) or as a SLURM job array (`slurm`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+from tqdm.auto import tqdm
+
+from bench import store
+from bench.config import RunSpec
+from bench.context import Runtime
+from bench.errors import BenchError, unknown
+
+log = logging.getLogger(__name__)
+
+LAUNCHERS = ("inline", "local", "slurm")
+CLUSTERS = Path(__file__).resolve().parent.parent / "slurm"  # the cluster presets shipped with the checkout
+JOB = "job.json"  # how and when the run was last launched (launcher, job id, log paths)
+ERROR = "error.txt"  # traceback of the run's last failed attempt
+ATTEMPTS = "attempts.jsonl"  # one line per start of the run: requeues and resubmissions show up here
+STATE_DUMP = Path("state") / "state.pt"  # RunContext.state_path, relative to the run directory
+STATES = ("pending", "running", "done", "failed")
+ENV_PREFIXES = (
+    "BENCH_",
+    "HF_",
+    "TRANSFORMERS_",
+    "TORCH_HOME",
+)  # travel with the job (clusters may not export)
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local executor kills jobs after 2 min unless told otherwise
+SUBMIT_GRACE_S = 300  # a job sacct does not know yet counts as pending for this long after submission
+
+
+# Cluster presets -------------------------------------------------------------------------------------------
+
+_KEYS: dict[str, tuple[type, ...]] = {
+    "description": (str,), "partition": (str,), "time": (str, int), "gpus_per_node": (int,),
+    "cpus_per_task": (int,), "mem_gb": (float, int), "array_parallelism": (int,), "account": (str,),
+    "qos": (str,), "constraint": (str,), "exclude": (str,), "signal_delay_s": (int,), "max_requeues": (int,),
+    "setup": (list,), "additional": (dict,),
+}  # fmt: skip
+# preset key -> submitit AutoExecutor parameter (the rest are handled in executor_params)
+_SUBMITIT = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
+             "constraint": "slurm_constraint", "exclude": "slurm_exclude", "cpus_per_task": "cpus_per_task",
+             "mem_gb": "mem_gb", "array_parallelism": "slurm_array_parallelism",
+             "signal_delay_s": "slurm_signal_delay_s", "setup": "slurm_setup",
+             "additional": "slurm_additional_parameters"}  # fmt: skip
+
+
+def cluster_names() -> list[str]:
+    return sorted(p.stem for p in CLUSTERS.glob("*.toml"))
+
+
+def _check_key(key: str, value: Any, where: str) -> None:
+    if key not in _KEYS:
+        raise BenchError(f"{where}: unknown cluster setting {key!r}; valid: {', '.join(_KEYS)} "
+                         "(any other sbatch option goes under `additional`, e.g. slurm.additional.reservation=x)")  # fmt: skip
+    if not isinstance(value, _KEYS[key]) or isinstance(value, bool):
+        types = " or ".join(t.__name__ for t in _KEYS[key])
+        raise BenchError(f"{where}: {key} = {value!r} should be a {types}")
+
+
+def _coerce(key: str, value: str, where: str) -> Any:
+    kind = _KEYS[key][0]
+    if kind is list:  # setup lines, separated by ';'
+        return [v.strip() for v in value.split(";") if v.strip()]
+    if kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError as e:
+            raise BenchError(f"{where}: expected {'an integer' if kind is int else 'a number'}") from e
+    return value
+
+
+def load_cluster(name: str, sets: list[str] = ()) -> dict[str, Any]:
+    """A preset from slurm/NAME.toml (or a path to a .toml), with `slurm.key=value` overrides applied."""
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = CLUSTERS / f"{name}.toml"
+        if not path.is_file():
+            raise unknown("cluster", name, cluster_names())
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise BenchError(f"--cluster {name}: cannot read {path}: {e}") from e
+    for key, value in cfg.items():
+        _check_key(key, value, str(path))
+    for item in sets:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or parts[0] != "slurm" or len(parts) < 2:
+            raise BenchError(f"--set {item!r}: expected slurm.key=value, e.g. slurm.time=2:00:00")
+        if parts[1] == "additional" and len(parts) == 3:
+            cfg["additional"] = {**cfg.get("additional", {}), parts[2]: value}
+            continue
+        if len(parts) != 2 or parts[1] not in _KEYS or parts[1] in ("additional", "description"):
+            raise BenchError(f"--set {item!r}: unknown cluster setting; valid: {', '.join(_KEYS)} "
+                             "(other sbatch options: slurm.additional.OPTION=value)")  # fmt: skip
+        cfg[parts[1]] = _coerce(parts[1], value, f"--set {item}")
+    time_minutes(cfg.get("time", 60))  # a bad time limit fails here, before anything is submitted
+    cfg["name"] = path.stem
+    return cfg
+
+
+def time_minutes(value: int | str) -> int:
+    """sbatch's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if not m:
+        raise BenchError(f"cluster setting time = {value!r}: expected minutes or [D-]HH:MM:SS, e.g. 4:00:00")
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # H:M:S
+        seconds = a * 3600 + b * 60 + c
+    else:  # M or M:S
+        seconds = a * 60 + (b or 0)
+    return max(1, math.ceil(seconds / 60))
+
+
+def executor_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for a cluster preset."""
+    params: dict[str, Any] = {"name": "bench", "timeout_min": time_minutes(cfg.get("time", 60))}
+    for key, target in _SUBMITIT.items():
+        if cfg.get(key) not in (None, "", [], {}):
+            params[target] = cfg[key]
+    # submitit writes --gpus-per-node=0 for 0, which would override a gres request: leave it out instead.
+    if cfg.get("gpus_per_node"):
+        params["gpus_per_node"] = cfg["gpus_per_node"]
+    return params
+
+
+def slurm_executor(cfg: dict[str, Any], folder: Path) -> submitit.AutoExecutor:
+    if shutil.which("sbatch") is None:
+        raise BenchError("--launcher slurm: `sbatch` is not on PATH; run on a SLURM login node "
+                         "(for the local test cluster: source DIR/env.sh after slurm/local-cluster.sh start DIR)")  # fmt: skip
+    ex = submitit.AutoExecutor(
+        folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=cfg.get("max_requeues", 3)
+    )
+    ex.update_parameters(**executor_params(cfg))
+    return ex
+
+
+# The job ---------------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (with the pid it identifies a process uniquely)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _job_id_here() -> str | None:
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+def run_one(spec: RunSpec, results: Path, runtime: Runtime, *, reraise: bool) -> str:
+    """Execute one run unless it is done or another process holds it; a failure leaves its traceback in error.txt."""
+    from bench import runner
+
+    d = store.run_dir(results, spec.run_id)
+    if store.is_done(d):  # a finished run is never redone, whatever restarted this job
+        return "done"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s is being executed by another process; leaving it to that one", spec.run_id)
+            return "busy"
+        attempt = {"start": _now(), "host": socket.gethostname(), "pid": os.getpid(), "job_id": _job_id_here(),
+                   "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                   "resumed_from_state": (d / STATE_DUMP).is_file(),
+                   "model_saved": (d / "model" / "unlearn.json").is_file()}  # fmt: skip
+        with open(d / ATTEMPTS, "a") as f:
+            f.write(json.dumps(attempt) + "\n")
+        (d / ERROR).unlink(missing_ok=True)
+        try:
+            runner.execute(spec, results, runtime)
+        except Exception:
+            store.atomic_write_text(d / ERROR, traceback.format_exc())
+            if reraise:
+                raise
+            return "failed"
+    return "done"
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """One run as a submitit job. On a time limit or preemption submitit calls checkpoint(), which requeues the
+    same call; the new start resumes from the run's last state dump (runner.execute picks up what the run
+    directory holds), and `scontrol requeue` restarts it the same way."""
+
+    def __call__(self, spec: RunSpec, results: str, runtime: Runtime, env: dict[str, str]) -> str:
+        for key, value in env.items():  # for clusters that do not export the submitting shell's environment
+            os.environ.setdefault(key, value)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:  # torch would otherwise use every core of the node
+            import torch
+
+            torch.set_num_threads(int(cpus))
+        return run_one(spec, Path(results), runtime, reraise=True)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        log.warning("time limit or preemption: requeueing; the run resumes from its last state dump")
+        return super().checkpoint(*args, **kwargs)
+
+
+# Run states ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_id: str
+    state: str  # "new" (no run directory yet) or one of STATES
+    detail: str = ""
+    log: str = ""
+
+
+def _expand_ids(job_id: str) -> list[str]:
+    """sacct's `123_[0-2,5%2]` (pending array tasks) -> 123_0, 123_1, 123_2, 123_5."""
+    m = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", job_id)
+    if not m:
+        return [job_id]
+    out = []
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """SLURM job id -> state, from sacct (finished and active) and squeue (active, works without accounting)."""
+    bases = sorted({j.split("_")[0] for j in job_ids})
+    states: dict[str, str] = {}
+    if bases and shutil.which("sacct"):
+        for line in _run(
+            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(bases)]
+        ).splitlines():
+            jid, _, state = line.partition("|")
+            for j in _expand_ids(jid.strip()):
+                states[j] = state.strip()
+    if bases and shutil.which("squeue"):
+        for line in _run(["squeue", "-h", "-r", "-o", "%i|%T", "-u", str(os.getuid())]).splitlines():
+            jid, _, state = line.partition("|")
+            if jid.split("_")[0] in bases:
+                states[jid.strip()] = state.strip()
+    return states
+
+
+_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "CONFIGURING"}
+_RUNNING = {"RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"}
+
+
+def _active(job: dict, queue: dict[str, str]) -> tuple[str, str] | None:
+    """("pending"|"running", detail) while a job is queued or running the run, else None."""
+    if job.get("launcher") == "slurm":
+        state = queue.get(job["job_id"], "")
+        word = state.split()[0] if state else ""
+        if word in _PENDING:
+            return "pending", f"SLURM job {job['job_id']} {state}"
+        if word in _RUNNING:
+            return "running", f"SLURM job {job['job_id']} {state}"
+        age = time.time() - dt.datetime.fromisoformat(job["launched"]).timestamp()
+        if not state and age < SUBMIT_GRACE_S:
+            return "pending", f"SLURM job {job['job_id']} submitted {age:.0f}s ago"
+        return None
+    if job.get("host") == socket.gethostname() and job.get("pid"):
+        start = _proc_start(job["pid"])
+        if start is not None and start == job.get("pid_start"):
+            return "running", f"{job['launcher']} process {job['pid']}"
+    return None
+
+
+def _read_job(d: Path) -> dict:
+    try:
+        return json.loads((d / JOB).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_states(results: Path, run_ids: list[str] | None = None) -> dict[str, RunState]:
+    """The state of each run (all runs under `results` when run_ids is None), queried in one go."""
+    root = Path(results) / "runs"
+    if run_ids is None:
+        run_ids = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    jobs = {rid: _read_job(root / rid) for rid in run_ids}
+    slurm_ids = [j["job_id"] for j in jobs.values() if j.get("launcher") == "slurm"]
+    queue = slurm_states(slurm_ids) if slurm_ids else {}
+    return {rid: _state(rid, root / rid, jobs[rid], queue) for rid in run_ids}
+
+
+def _state(rid: str, d: Path, job: dict, queue: dict[str, str]) -> RunState:
+    if not d.is_dir():
+        return RunState(rid, "new")
+    if store.is_done(d):
+        return RunState(rid, "done", log=str(d))
+    log_path = job.get("stderr") or str(d)
+    if active := _active(job, queue):
+        return RunState(rid, active[0], active[1], log_path)
+    if (d / ERROR).is_file():
+        lines = [ln for ln in (d / ERROR).read_text().splitlines() if ln.strip()]
+        return RunState(rid, "failed", lines[-1] if lines else "failed", str(d / ERROR))
+    if job.get("launcher") == "slurm":
+        state = queue.get(job["job_id"]) or "no record in sacct/squeue"
+        return RunState(rid, "failed", f"SLURM job {job['job_id']} {state}, run not finished", log_path)
+    if job:
+        return RunState(
+            rid, "failed", f"{job.get('launcher')} process ended before the run finished", log_path
+        )
+    return RunState(rid, "failed", "incomplete, and no job is running it", log_path)
+
+
+# Launching -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    todo: list[RunSpec]
+    active: list[RunSpec]  # queued or running already: left alone
+    done: list[RunSpec]
+
+
+def plan(specs: list[RunSpec], results: Path, *, force: bool = False) -> Plan:
+    """What to launch: runs never started, failed or incomplete (and with force, finished ones too)."""
+    states = run_states(results, [s.run_id for s in specs])
+    out = Plan([], [], [])
+    for s in specs:
+        st = states[s.run_id].state
+        if st in ("pending", "running"):
+            out.active.append(s)
+        elif st == "done" and not force:
+            store.read_metrics(
+                store.run_dir(results, s.run_id) / "metrics.jsonl"
+            )  # a broken file names itself
+            out.done.append(s)
+        else:
+            out.todo.append(s)
+    return out
+
+
+@dataclass
+class Launched:
+    launcher: str
+    run_ids: list[str]
+    job_ids: list[str]
+    folder: Path  # where submitit keeps the jobs' pickles and logs
+    states: dict[str, RunState] | None = None  # final states when the launcher waited
+
+
+def _job_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+
+
+def _prepare(specs: list[RunSpec], results: Path, force: bool) -> None:
+    for s in specs:
+        d = store.run_dir(results, s.run_id)
+        if force and store.is_done(d):
+            shutil.rmtree(d)
+        (d / ERROR).unlink(missing_ok=True)  # a resubmitted run is pending, not failed
+        d.mkdir(parents=True, exist_ok=True)
+
+
+def _record(results: Path, spec: RunSpec, **info: Any) -> None:
+    store.write_json(store.run_dir(results, spec.run_id) / JOB, {"launched": _now(), **info})
+
+
+def launch(specs: list[RunSpec], results: Path, runtime: Runtime, *, launcher: str = "inline",
+           cluster: str | None = None, cluster_sets: list[str] = (), workers: int = 2, force: bool = False,
+           wait: bool = False, poll_s: float = 5.0) -> Launched:  # fmt: skip
+    """Launch `specs` (already planned) and, for inline and local, run them to the end; slurm returns after
+    submitting one job array unless `wait`. Jobs get specs and paths, never models."""
+    if launcher not in LAUNCHERS:
+        raise unknown("launcher", launcher, LAUNCHERS)
+    if launcher == "slurm" and cluster is None:
+        raise BenchError(
+            f"--launcher slurm needs --cluster NAME ({', '.join(cluster_names())}) or a .toml path"
+        )
+    if cluster_sets and launcher != "slurm":
+        raise BenchError(f"--set {cluster_sets[0]}: slurm.* settings need --launcher slurm")
+    results = Path(results).resolve()
+    folder = results / "jobs"
+    runtime = dataclasses.replace(runtime, progress=launcher == "inline" and runtime.progress,
+                                  data_dir=Path(runtime.data_dir).resolve() if runtime.data_dir else None)  # fmt: skip
+    cfg = load_cluster(cluster, cluster_sets) if launcher == "slurm" else {}
+    _prepare(specs, results, force)
+    ids = [s.run_id for s in specs]
+    if launcher == "inline":
+        return Launched("inline", ids, [], folder, _run_inline(specs, results, runtime))
+    if launcher == "local":
+        return Launched("local", ids, *_run_local(specs, results, runtime, folder, workers, poll_s))
+    return _submit_slurm(specs, results, runtime, cfg, folder, wait, poll_s)
+
+
+def _run_inline(specs: list[RunSpec], results: Path, runtime: Runtime) -> dict[str, RunState]:
+    me = {
+        "launcher": "inline",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": _proc_start(os.getpid()),
+    }
+    for i, spec in enumerate(specs, 1):
+        log.info("[%d/%d] %s", i, len(specs), spec.run_id)
+        _record(results, spec, **me)
+        if run_one(spec, results, runtime, reraise=False) == "failed":
+            log.error("%s failed: traceback in %s", spec.run_id, store.run_dir(results, spec.run_id) / ERROR)
+    return run_states(results, [s.run_id for s in specs])
+
+
+def _run_local(specs, results, runtime, folder, workers, poll_s):
+    ex = submitit.LocalExecutor(folder=folder / "%j")
+    ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
+    env, queue, running, job_ids = _job_env(), list(specs), {}, []
+    bar = tqdm(total=len(specs), desc="runs", unit="run", disable=None)
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, workers):
+                spec = queue.pop(0)
+                job = ex.submit(RunJob(), spec, str(results), runtime, env)
+                pid = int(job.job_id)
+                _record(results, spec, launcher="local", job_id=job.job_id, host=socket.gethostname(), pid=pid,
+                        pid_start=_proc_start(pid), stdout=str(job.paths.stdout), stderr=str(job.paths.stderr))  # fmt: skip
+                running[spec.run_id], job_ids = job, [*job_ids, job.job_id]
+            time.sleep(min(poll_s, 0.5))
+            for rid in [r for r, j in running.items() if j.done()]:
+                del running[rid]
+                bar.update()
+    except KeyboardInterrupt:
+        for job in running.values():
+            job.cancel()
+        raise
+    finally:
+        bar.close()
+    return job_ids, folder, run_states(results, [s.run_id for s in specs])
+
+
+def _submit_slurm(specs, results, runtime, cfg, folder, wait, poll_s) -> Launched:
+    ids = [s.run_id for s in specs]
+    if not specs:
+        return Launched("slurm", ids, [], folder, {} if wait else None)
+    ex = slurm_executor(cfg, folder)
+    n = len(specs)
+    try:
+        jobs = ex.map_array(RunJob(), specs, [str(results)] * n, [runtime] * n, [_job_env()] * n)
+    except submitit.core.utils.FailedJobError as e:
+        raise BenchError(f"sbatch refused the job array (cluster preset {cfg['name']!r}): {e}") from e
+    for spec, job in zip(specs, jobs, strict=True):
+        _record(results, spec, launcher="slurm", job_id=job.job_id, cluster=cfg["name"],
+                stdout=str(job.paths.stdout), stderr=str(job.paths.stderr))  # fmt: skip
+    launched = Launched("slurm", ids, [j.job_id for j in jobs], folder)
+    if wait:
+        launched.states = follow(results, ids, poll_s=poll_s)
+    return launched
+
+
+def follow(results: Path, run_ids: list[str], *, poll_s: float = 5.0) -> dict[str, RunState]:
+    """Poll until every run is done or failed, with a progress bar; returns the final states."""
+    last = None
+    with tqdm(total=len(run_ids), desc="runs", unit="run", disable=None) as bar:
+        while True:
+            states = run_states(results, run_ids)
+            counts = {k: sum(s.state == k for s in states.values()) for k in STATES}
+            bar.n = counts["done"] + counts["failed"]
+            bar.set_postfix(counts, refresh=True)
+            if bar.disable and counts != last:  # no terminal: a log line per change instead of a bar
+                log.info("runs: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
+                last = counts
+            if bar.n >= len(run_ids):
+                return states
+            time.sleep(poll_s)
+
+
+def format_states(states: dict[str, RunState]) -> str:
+    """One line per run (state, run id, detail, log) and the counts per state."""
+    lines = [f"{s.state:<8} {s.run_id}  {s.detail}{'  log: ' + s.log if s.log and s.state != 'done' else ''}".rstrip()
+             for s in states.values()]  # fmt: skip
+    counts = {k: sum(s.state == k for s in states.values()) for k in STATES}
+    lines.append(f"{len(states)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return "\n".join(lines)
+
+
+def print_launched(launched: Launched, results: Path, out=sys.stdout) -> None:
+    if launched.launcher == "slurm" and launched.job_ids:
+        array = launched.job_ids[0].split("_")[0]
+        print(f"submitted {len(launched.job_ids)} runs as SLURM job array {array} "
+              f"({launched.job_ids[0]} .. {launched.job_ids[-1]}); sweep folder {results}, job logs in "
+              f"{launched.folder}", file=out)  # fmt: skip
+        if launched.states is None:
+            print(f"follow with: bench status --results {results}", file=out)
+    elif launched.launcher == "local" and launched.job_ids:
+        print(f"ran {len(launched.job_ids)} runs as local jobs {', '.join(launched.job_ids)}; logs in "
+              f"{launched.folder}", file=out)  # fmt: skip

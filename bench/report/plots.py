@@ -1,0 +1,321 @@
+"""Figures from tidy results (matplotlib object-oriented API on the Agg canvas, PNG and PDF)."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bench.errors import BenchError
+from bench.report.tables import ORIGINAL, is_oracle, method_order, metric_key, natural_key, safe
+
+log = logging.getLogger(__name__)
+
+DPI = 150
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+MARKERS = ["s", "D", "^", "v", "P", "X", "h", "<", ">"]
+ORIGINAL_STYLE = ("#555555", "o")
+ORACLE_STYLE = ("#000000", "*")
+FORGOTTEN = "#d62728"
+
+
+def method_style(method: str) -> tuple[str, str]:
+    """(colour, marker) of a method, the same in every figure: set by its place in the whole registry, not by
+    which methods a figure happens to show."""
+    from bench.registry import METHODS
+
+    if method == ORIGINAL:
+        return ORIGINAL_STYLE
+    if is_oracle(method):
+        return ORACLE_STYLE
+    others = [m for m in method_order(METHODS.names()) if m != ORIGINAL and not is_oracle(m)]
+    i = others.index(method) if method in others else len(others) + zlib.crc32(method.encode()) % 97
+    return PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # no pyplot: no global state, no GUI backend, safe in worker processes
+    return fig
+
+
+def save(fig: Figure, out: Path, stem: str) -> list[Path]:
+    """PNG (fixed size: figsize x DPI, so tests and READMEs can rely on it) and PDF for papers."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=DPI, facecolor="white")
+    return paths
+
+
+def per_run(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per run with the wanted metric[subset] values as columns (a run lacking one is left out)."""
+    df = df.assign(column=metric_key(df))
+    df = df[df["column"].isin(keys)]
+    wide = df.pivot_table(index=["dataset", "forget_set", "preset", "method", "seed", "run_id"], columns="column",
+                          values="value", aggfunc="mean")  # fmt: skip
+    return wide.reindex(columns=keys).dropna().reset_index()
+
+
+def _log_if_wide(values: pd.Series) -> bool:
+    v = values[values > 0]
+    return len(v) == len(values) and len(v) > 1 and v.max() / v.min() > 30
+
+
+# ---- forget accuracy versus quality ------------------------------------------------------------------------
+
+
+def tradeoff_figure(df: pd.DataFrame, dataset: str, preset: str) -> Figure | None:
+    """Forget accuracy (%) against fd_judge per forget set: both lower is better, so the corner to reach is the
+    bottom left; the oracle is the target a method should land on."""
+    runs = per_run(
+        df[(df.dataset == dataset) & (df.preset == preset)], ["accuracy[forget]", "fd_judge[retain]"]
+    )
+    if runs.empty:
+        return None
+    forget_sets = sorted(runs["forget_set"].unique(), key=natural_key)
+    ncols = min(3, len(forget_sets))
+    nrows = -(-len(forget_sets) // ncols)
+    fig = new_figure(4.2 * ncols + 1.6, 3.6 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, fs in zip(axes, forget_sets, strict=False):
+        part = runs[runs.forget_set == fs]
+        for method in method_order(part["method"]):
+            _tradeoff_points(ax, part[part.method == method], method)
+        ax.set_title(f"forget set {fs}", fontsize=10)
+        ax.set_xlabel("fd_judge on retained classes (lower is better)")
+        ax.set_ylabel("forget accuracy, % (lower is better)")
+        if _log_if_wide(part["fd_judge[retain]"]):
+            ax.set_xscale("log")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+        ax.annotate("better", xy=(0.04, 0.05), xytext=(0.22, 0.22), xycoords="axes fraction", fontsize=8,
+                    color="#555555", arrowprops={"arrowstyle": "->", "color": "#555555"})  # fmt: skip
+    for ax in axes[len(forget_sets) :]:
+        ax.set_visible(False)
+    handles, labels = [], []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(handles, labels, loc="outside right center", fontsize=9, title="method\n(mean ± std\nover seeds)",
+               title_fontsize=8)  # fmt: skip
+    fig.suptitle(f"Forgetting versus quality: {dataset}, preset {preset}", fontsize=11)
+    return fig
+
+
+def _tradeoff_points(ax, rows: pd.DataFrame, method: str) -> None:
+    color, marker = method_style(method)
+    x, y = rows["fd_judge[retain]"], rows["accuracy[forget]"] * 100
+    oracle = is_oracle(method)
+    label = f"{method} (oracle)" if oracle else method
+    size = 16 if oracle else 9
+    if len(rows) > 1:  # the seeds themselves, faint, behind the mean
+        ax.scatter(x, y, color=color, marker=marker, s=18, alpha=0.3, linewidths=0)
+    xerr = x.std() if len(rows) > 1 else None
+    yerr = y.std() if len(rows) > 1 else None
+    ax.errorbar(x.mean(), y.mean(), xerr=xerr, yerr=yerr, color=color, marker=marker, markersize=size,
+                markeredgecolor="white" if not oracle else "#ffd700", capsize=3, linestyle="none", label=label,
+                zorder=4 if oracle else 3)  # fmt: skip
+    if oracle:
+        ax.annotate("oracle", (x.mean(), y.mean()), xytext=(8, 8), textcoords="offset points", fontsize=8)
+
+
+# ---- wall-clock ------------------------------------------------------------------------------------------
+
+
+def wallclock_figure(df: pd.DataFrame, dataset: str, preset: str) -> Figure | None:
+    """Seconds to unlearn and to sample the evaluation grid, per method, on a log axis (they span decades)."""
+    runs = per_run(df[(df.dataset == dataset) & (df.preset == preset)], ["unlearn_s[all]", "sample_s[all]"])
+    if runs.empty:
+        return None
+    methods = method_order(runs["method"])
+    fig = new_figure(7.5, 1.2 + 0.55 * len(methods))
+    ax = fig.subplots()
+    floor = 1e-3  # a method that does nothing (original) takes ~0 s; a log axis needs a floor
+    y = np.arange(len(methods))
+    for offset, col, hatch, what in (
+        (-0.2, "unlearn_s[all]", "", "unlearning"),
+        (0.2, "sample_s[all]", "//", "sampling"),
+    ):
+        stats = runs.groupby("method")[col].agg(["mean", "std"]).reindex(methods)
+        colors = [method_style(m)[0] for m in methods]
+        values = stats["mean"].clip(lower=floor)
+        ax.barh(y + offset, values, height=0.38, color=colors, alpha=0.85 if not hatch else 0.45, hatch=hatch,
+                edgecolor="black", linewidth=0.5, xerr=stats["std"].fillna(0), capsize=2, label=what)  # fmt: skip
+        for yi, v, sd in zip(y + offset, stats["mean"], stats["std"].fillna(0), strict=True):
+            ax.text(max(v + sd, floor) * 1.2, yi, seconds_text(v), va="center", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yticks(y, [f"{m} (oracle)" if is_oracle(m) else m for m in methods])
+    ax.invert_yaxis()
+    ax.set_xlabel("wall-clock seconds (log scale)")
+    ax.set_xlim(right=ax.get_xlim()[1] * 4)  # room for the value labels
+    ax.grid(axis="x", alpha=0.3)
+    legend = fig.legend(loc="outside right upper", fontsize=8)
+    for patch in legend.get_patches():
+        patch.set_facecolor("#bbbbbb")
+    n = runs.groupby("method").size()
+    runs_text = f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
+    ax.set_title(f"Wall-clock per method ({dataset}, preset {preset}; mean ± std over {runs_text} runs;\n"
+                 "sampling = the whole evaluation grid)", fontsize=9)  # fmt: skip
+    return fig
+
+
+def seconds_text(v: float) -> str:
+    return f"{v:.3g} s" if v < 100 else f"{v:,.0f} s"
+
+
+# ---- sample grids ----------------------------------------------------------------------------------------
+
+
+def load_grid(path: Path) -> np.ndarray:
+    """A run's kept samples: uint8 (K classes, per class, C, H, W)."""
+    from safetensors.numpy import load_file
+
+    try:
+        images = load_file(str(path))["images"]
+    except (OSError, KeyError, ValueError) as e:
+        raise BenchError(f"cannot read sample grid {path}: {e}") from e
+    if images.ndim != 5 or images.dtype != np.uint8:
+        raise BenchError(f"sample grid {path} must hold uint8 'images' of shape (K, N, C, H, W), got "
+                         f"{images.dtype} {images.shape}")  # fmt: skip
+    return images
+
+
+def mosaic(images: np.ndarray, cols: int = 4, pad: int = 1) -> np.ndarray:
+    """(N, C, H, W) uint8 -> one (rows*H, cols*W, C) tile with thin white gaps."""
+    n, c, h, w = images.shape
+    rows = -(-n // cols)
+    tile = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        tile[r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = img.transpose(1, 2, 0)
+    return tile
+
+
+def sample_grid_figure(grids: dict[str, np.ndarray], *, class_names: list[str], forget: list[int],
+                       title: str) -> Figure:  # fmt: skip
+    """Rows = methods (in table order), columns = classes, each cell the class's kept samples; the forgotten
+    classes' columns framed in red."""
+    methods = method_order(grids)
+    k = next(iter(grids.values())).shape[0]
+    tile_h, tile_w = mosaic(grids[methods[0]][0]).shape[:2]
+    cell_w, margin = 1.0, 1.3  # inches; the margin holds the method names
+    fig = new_figure(cell_w * k + margin, cell_w * tile_h / tile_w * len(methods) + 0.9)
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.03, hspace=0.03)
+    axes = fig.subplots(len(methods), k, squeeze=False)
+    for r, method in enumerate(methods):
+        for c in range(k):
+            ax = axes[r, c]
+            tile = mosaic(grids[method][c])
+            ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray", vmin=0, vmax=255,
+                      interpolation="nearest")  # fmt: skip
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(c in forget)
+                spine.set_color(FORGOTTEN)
+                spine.set_linewidth(2.5)
+            if r == 0:
+                name = class_names[c] if c < len(class_names) else str(c)
+                ax.set_title(f"{c}: {name}" + ("\nforgotten" if c in forget else ""), fontsize=7,
+                             color=FORGOTTEN if c in forget else "black")  # fmt: skip
+            if c == 0:
+                ax.set_ylabel(f"{method} (oracle)" if is_oracle(method) else method, fontsize=8, rotation=0,
+                              ha="right", va="center")  # fmt: skip
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# ---- time to forget --------------------------------------------------------------------------------------
+
+TIME_TO_FORGET_COLUMNS = ("method", "seconds", "accuracy_forget", "fd_judge")
+
+
+def time_to_forget_figure(points: pd.DataFrame, title: str = "Time to forget") -> Figure:
+    """Forget accuracy (%) and fd_judge against wall-clock seconds, one line per method."""
+    missing = [c for c in TIME_TO_FORGET_COLUMNS if c not in points.columns]
+    if missing:
+        raise BenchError(f"time-to-forget points need columns {', '.join(TIME_TO_FORGET_COLUMNS)}; "
+                         f"missing {', '.join(missing)}")  # fmt: skip
+    if points.empty:
+        raise BenchError("time-to-forget points are empty")
+    fig = new_figure(10, 3.8)
+    ax_acc, ax_fd = fig.subplots(1, 2, sharex=True)
+    for method in method_order(points["method"]):
+        rows = points[points.method == method].sort_values("seconds")
+        color, marker = method_style(method)
+        style = {"color": color, "marker": marker, "markersize": 5, "linewidth": 1.5, "label": method}
+        ax_acc.plot(rows["seconds"], rows["accuracy_forget"] * 100, **style)
+        ax_fd.plot(rows["seconds"], rows["fd_judge"], **style)
+    if _log_if_wide(points["seconds"]):
+        ax_acc.set_xscale("log")
+    ax_acc.set_ylabel("forget accuracy, % (lower is better)")
+    ax_acc.set_ylim(-5, 105)
+    ax_fd.set_ylabel("fd_judge on retained classes (lower is better)")
+    if _log_if_wide(points["fd_judge"]):
+        ax_fd.set_yscale("log")
+    for ax in (ax_acc, ax_fd):
+        ax.set_xlabel("wall-clock seconds of unlearning")
+        ax.grid(alpha=0.3)
+    fig.legend(*ax_acc.get_legend_handles_labels(), loc="outside right upper", fontsize=9, title="method")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+# ---- all figures -----------------------------------------------------------------------------------------
+
+
+def write_figures(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -> list[Path]:
+    """Trade-off and wall-clock figures per (dataset, preset), a sample grid per (dataset, forget set, preset,
+    seed) from the runs that kept samples."""
+    paths = []
+    for dataset, preset in sorted(df[["dataset", "preset"]].drop_duplicates().itertuples(index=False)):
+        for kind, make in (("tradeoff", tradeoff_figure), ("wallclock", wallclock_figure)):
+            fig = make(df, dataset, preset)
+            if fig is not None:
+                paths += save(fig, out, f"{kind}_{safe(dataset)}_{safe(preset)}")
+    paths += write_sample_grids(df, out, run_dirs)
+    return paths
+
+
+def write_sample_grids(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -> list[Path]:
+    paths = []
+    runs = df[["run_id", "method", "dataset", "forget_set", "preset", "seed"]].drop_duplicates("run_id")
+    for (dataset, fs, preset, seed), group in runs.groupby(["dataset", "forget_set", "preset", "seed"]):
+        grids = {}
+        for row in group.itertuples(index=False):
+            path = run_dirs.get(row.run_id, Path("/nonexistent")) / "samples.safetensors"
+            if path.is_file():
+                grids[row.method] = load_grid(path)
+            else:
+                log.info("no sample grid for run %s (expected %s)", row.run_id, path)
+        if not grids:
+            continue
+        if len({g.shape for g in grids.values()}) > 1:
+            log.warning(
+                "sample grids of %s/%s seed %s differ in shape; skipping that figure", dataset, fs, seed
+            )
+            continue
+        class_names, forget = _classes(dataset, fs)
+        title = (
+            f"{dataset}, forget {fs}, preset {preset}, seed {seed}: samples per class (same seeds per row)"
+        )
+        fig = sample_grid_figure(grids, class_names=class_names, forget=forget, title=title)
+        paths += save(fig, out, f"samples_{safe(dataset)}_{safe(fs)}_{safe(preset)}_s{seed}")
+    return paths
+
+
+def _classes(dataset: str, forget_set: str) -> tuple[list[str], list[int]]:
+    from bench.registry import DATASETS
+
+    if dataset not in DATASETS:
+        return [], []
+    ds = DATASETS.get(dataset)()
+    return list(ds.class_names), list(ds.forget_set(forget_set).forget)

@@ -1,0 +1,94 @@
+"""`retrain`: the oracle: a teacher trained from scratch on the retained classes only, never seeing the forgotten ones.
+
+As the `retrain` mode of the SA, SalUn and SFD DDPM runners: the teacher's own recipe and budget (same architecture,
+DDPM loss with 10% null-label dropout, AdamW, warm-up, gradient clipping, EMA for sampling), on retained data.
+It is the reference unlearning aims at, not an unlearning method, so `bench run` leaves it out unless named.
+Defaults are the paper preset's teacher recipe (the CIFAR-10 DDPM recipe of SA/SalUn/SFD `cifar10_train.yml`); every
+other preset scales them to that preset's own teacher recipe, read from bench/presets.py so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DModel
+
+from bench.api import Method, Scaled, param
+from bench.presets import PRESETS, TeacherRecipe
+from bench.registry import METHODS
+from bench.sampling import DiffusionModel
+from bench.training import EMA, ddpm_loss, warmup_lambda
+
+SRC = "paper preset teacher recipe (SA/SalUn/SFD cifar10_train.yml)"
+RECIPE_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "label_dropout", "grad_clip")
+_PAPER = PRESETS["paper"].teacher
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    steps: int = param(_PAPER.steps, f"{SRC} training.n_iters")
+    batch_size: int = param(_PAPER.batch_size, f"{SRC} training.batch_size")
+    lr: float = param(_PAPER.lr, f"{SRC} optim.lr")
+    warmup_steps: int = param(_PAPER.warmup_steps, "paper preset teacher warm-up (bench/presets.py; DDPM recipe)")
+    ema_decay: float = param(_PAPER.ema_decay, f"{SRC} model.ema_rate")
+    label_dropout: float = param(_PAPER.label_dropout, f"{SRC} model.cond_drop_prob")
+    grad_clip: float = param(_PAPER.grad_clip, f"{SRC} optim.grad_clip")
+
+
+def _recipe(recipe: TeacherRecipe) -> dict:
+    return {k: getattr(recipe, k) for k in RECIPE_FIELDS}
+
+
+@METHODS.register("retrain")
+class Retrain(Method):
+    name = "retrain"
+    version = "1"
+    paper = "retrain from scratch on the retained classes only (the 'Retrain' row of SA, SalUn and SFD tables)"
+    Config = RetrainConfig
+    requires = frozenset({"retain"})
+    oracle = True
+    scaled = {
+        **{name: Scaled(_recipe(p.teacher), f"the {name} preset's teacher recipe and budget")
+           for name, p in PRESETS.items() if name not in ("paper", "smoke")},
+        "smoke": Scaled({"steps": 3, "batch_size": 8, "warmup_steps": 1},
+                        "seconds-long test runs (the full budget is the teacher's: 6000 steps, ~40 min on 2 cores)"),
+    }  # fmt: skip
+
+    def unlearn(self, teacher, forget_set, ctx):
+        cfg = self.config
+        dev, null = ctx.device, teacher.num_classes
+        # Same architecture as the teacher, fresh weights from the run's seed (without touching the global RNG).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=ctx.generator("retrain-init"))))
+            unet = UNet2DModel.from_config(copy.deepcopy(teacher.unet.config)).to(dev).train()
+        ema = EMA(unet, cfg.ema_decay)
+        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))
+        g = ctx.generator("retrain")
+        x, y = ctx.data("retain")
+        start = 0
+        if (state := ctx.load_state()) is not None:
+            for obj, key in ((unet, "unet"), (ema, "ema"), (opt, "opt"), (sched, "sched")):
+                obj.load_state_dict(state[key])
+            start = state["step"]
+        bar = ctx.progress(cfg.steps, self.name, initial=start)
+        for step in range(start, cfg.steps):
+            idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
+            labels = y[idx].clone()
+            labels[torch.rand(len(labels), generator=g) < cfg.label_dropout] = null
+            loss = ddpm_loss(unet, x[idx], labels, g, device=dev, amp=ctx.amp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            ema.update(unet)
+            bar.update()
+            ctx.log(step + 1, loss=loss.item())
+            if ctx.should_save(step + 1):
+                ctx.save_state({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                "sched": sched.state_dict(), "step": step + 1})  # fmt: skip
+        bar.close()
+        return DiffusionModel(ema.model.eval())

@@ -1,0 +1,71 @@
+"""Pretraining: deterministic for a seed, resumable after a kill, written with a checksummed manifest."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from bench.data.fashion_mnist import FashionMNIST
+from bench.errors import BenchError
+from bench.models import store
+from bench.presets import JudgeRecipe, get_preset
+from bench.pretrain import pretrain, train_teacher
+from tests.helpers import TINY, same_weights
+
+TINY_PRESET = dataclasses.replace(
+    get_preset("smoke"), name="tiny", models_from="", image_size=8, sampler_steps=2,
+    teacher=dataclasses.replace(TINY, steps=6, batch_size=8, warmup_steps=2),
+    judge=JudgeRecipe(widths=(4, 8), epochs=1, batch_size=50, lr=1e-2),
+)  # fmt: skip
+
+
+def test_teacher_training_resumes_to_the_same_weights(tmp_path, fmnist_dir, monkeypatch):
+    ds = FashionMNIST(data_dir=fmnist_dir.parent, image_size=8)
+    cpu = torch.device("cpu")
+    straight = train_teacher(
+        ds, TINY_PRESET, seed=3, device=cpu, state_path=tmp_path / "a.pt", checkpoint_every=2
+    )
+
+    import bench.pretrain as pretrain_module
+
+    real_save, calls = pretrain_module.save_state, []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        calls.append(state["step"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_module, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(ds, TINY_PRESET, seed=3, device=cpu, state_path=tmp_path / "b.pt", checkpoint_every=2)
+    monkeypatch.setattr(pretrain_module, "save_state", real_save)
+    resumed = train_teacher(
+        ds, TINY_PRESET, seed=3, device=cpu, state_path=tmp_path / "b.pt", checkpoint_every=2
+    )
+    assert calls == [2, 4]
+    assert same_weights(straight.unet, resumed.unet)
+
+
+def test_pretrain_writes_a_verified_store(tmp_path, fmnist_dir):
+    ds = FashionMNIST(data_dir=fmnist_dir.parent, image_size=8)
+    out = pretrain(ds, TINY_PRESET, seed=0, out_root=tmp_path, device=torch.device("cpu"))
+    manifest = store.verify(out)
+    assert (
+        manifest["command"]
+        == f"bench pretrain --dataset fashion-mnist --preset tiny --seed 0 --out {tmp_path}"
+    )
+    assert set(manifest["files"]) >= {
+        "judge/model.safetensors",
+        "teacher/unet/diffusion_pytorch_model.safetensors",
+    }
+    assert (
+        0 <= manifest["judge_test_accuracy"] <= 1 and len(manifest["teacher_recognised"]["per_class"]) == 10
+    )
+    assert not (out / "teacher_state.pt").exists()
+    again = pretrain(ds, TINY_PRESET, seed=0, out_root=tmp_path / "again", device=torch.device("cpu"))
+    for rel in ("judge/model.safetensors", "teacher/unet/diffusion_pytorch_model.safetensors"):
+        assert (out / rel).read_bytes() == (again / rel).read_bytes(), f"{rel} is not reproducible"
+    (out / "judge" / "config.json").write_text("{}")
+    with pytest.raises(BenchError, match=r"judge/config.json does not match its checksum"):
+        store.verify(out)

@@ -1,0 +1,77 @@
+"""The runner: an interruption at any point resumes to the same result without redoing finished work."""
+
+import json
+
+import pytest
+
+from bench import store
+from bench.config import RunSpec
+from bench.context import Runtime
+from bench.registry import EVALUATORS
+from bench.runner import execute
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_evaluation_resumes_without_unlearning_again(tmp_path, fmnist_dir, monkeypatch):
+    spec = RunSpec(method="sfd", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke")
+    runtime = Runtime(data_dir=fmnist_dir.parent, progress=False)
+    straight = execute(spec, tmp_path / "a", runtime)
+
+    fid_cls = EVALUATORS.get("fid")
+    real_call = fid_cls.__call__
+
+    def die(self, samples, ctx):
+        raise Interrupt
+
+    monkeypatch.setattr(fid_cls, "__call__", die)
+    with pytest.raises(Interrupt):
+        execute(spec, tmp_path / "b", runtime)
+    d = store.run_dir(tmp_path / "b", spec.run_id)
+    assert (d / "model" / "unlearn.json").is_file() and not (d / "metrics.jsonl").exists()
+    assert not store.is_done(d)
+    saved = (d / "model" / "unlearn.json").read_text()
+
+    monkeypatch.setattr(fid_cls, "__call__", real_call)
+    import methods.sfd
+
+    monkeypatch.setattr(methods.sfd.SFD, "unlearn", lambda *a: pytest.fail("unlearning ran again"))
+    execute(spec, tmp_path / "b", runtime)
+    assert store.is_done(d) and (d / "model" / "unlearn.json").read_text() == saved
+
+    def values(directory):
+        return {(r["metric"], r["subset"]): r["value"] for r in store.read_metrics(directory / "metrics.jsonl")
+                if r["evaluator"] != "wallclock"}  # fmt: skip
+
+    assert values(straight) == values(d)
+    spec_json = json.loads((d / "spec.json").read_text())
+    assert spec_json["run_id"] == spec.run_id and spec_json["config"]["iterations"] == 4
+
+
+def test_killed_unlearning_resumes_from_its_state_dump(tmp_path, fmnist_dir, monkeypatch):
+    spec = RunSpec(method="sfd", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke",
+                   overrides=(("iterations", 6),))  # fmt: skip
+    runtime = Runtime(data_dir=fmnist_dir.parent, progress=False, checkpoint_every=2)
+    straight = execute(spec, tmp_path / "a", runtime)
+
+    from bench.context import RunContext
+
+    real_save, saves = RunContext.save_state, []
+
+    def save_then_die(self, state):
+        real_save(self, state)
+        saves.append(state["step"])
+        if len(saves) == 2:
+            raise Interrupt
+
+    monkeypatch.setattr(RunContext, "save_state", save_then_die)
+    with pytest.raises(Interrupt):
+        execute(spec, tmp_path / "b", runtime)
+    monkeypatch.setattr(RunContext, "save_state", real_save)
+    resumed = execute(spec, tmp_path / "b", runtime)
+    a = (straight / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    b = (resumed / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert saves == [2, 4] and a == b
+    assert not (resumed / "state").exists()  # the state dump is dropped once the model is saved
