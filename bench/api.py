@@ -64,11 +64,13 @@ class Dataset(ABC):
         return len(self.class_names)
 
     def check(self) -> None:
-        """Raise a BenchError naming the expected files when the data is not on disk (cheap: no reading)."""
+        """Raise a BenchError naming the expected files when the data is not on disk, or the broken one; it runs
+        before any run starts (datasets with a decoded-image cache may fill it here, once)."""
 
     @abstractmethod
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (N, H, W, C) at native size and int64 labels, for split 'train' or 'test'."""
+        """uint8 images (N, H, W, C) at native size (or already at `image_size`) and int64 labels, for split
+        'train' or 'test'."""
 
     def images(self, split: str, classes: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images (N, C, H, W) in [-1, 1] at `image_size`, with labels, optionally of some classes."""
@@ -203,6 +205,14 @@ class Evaluator(ABC):
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     metrics: ClassVar[tuple[Metric, ...]]
+    # A user option it cannot run without (e.g. "clip_model"); without it, it is not among the default evaluators.
+    needs: ClassVar[str] = ""
+
+    @classmethod
+    def resolve_options(cls, given: dict[str, Any]) -> dict[str, str]:
+        """The options (EvalContext.options) it will read, from the user's (None when unset); checked before any
+        run starts, raising a BenchError when unusable. They are part of the run's identity."""
+        return {}
 
     @abstractmethod
     def __call__(self, samples: SampleSet, ctx: EvalContext) -> list[tuple[Metric, float, int]]:

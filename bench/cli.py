@@ -37,20 +37,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run methods x datasets x forget sets x seeds and evaluate them")
     run.add_argument("--methods", type=_csv, default=None, help="comma-separated (default: all but oracles)")
-    run.add_argument("--datasets", type=_csv, default=["fashion-mnist"])
+    run.add_argument("--datasets", type=_csv, default=["fashion-mnist"],
+                     help="comma-separated; imagefolder:PATH for a folder of labelled images")  # fmt: skip
     run.add_argument("--forget-sets", type=_csv, default=["class-0"])
     run.add_argument("--seeds", type=lambda s: [int(v) for v in _csv(s)], default=[0])
     run.add_argument("--preset", default="default")
     run.add_argument("--evaluators", type=_csv, default=None, help="comma-separated (default: all)")
-    run.add_argument("--launcher", default="inline")
+    run.add_argument("--launcher", default="inline", choices=["inline", "local", "slurm"],
+                     help="inline: in this process; local: --workers processes here; slurm: one job array")  # fmt: skip
+    run.add_argument(
+        "--cluster", default=None, help="slurm/NAME.toml preset (or a .toml path) for --launcher slurm"
+    )
+    run.add_argument("--wait", action="store_true", help="slurm: follow the jobs to the end (progress bar)")
+    run.add_argument(
+        "--workers", type=int, default=2, help="parallel processes for --launcher local (default: 2)"
+    )
     run.add_argument(
         "--results", type=Path, default=DEFAULT_RESULTS, help=f"sweep folder (default: {DEFAULT_RESULTS})"
     )
     run.add_argument("--force", action="store_true", help="redo finished runs")
     run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    run.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.FIELD=VALUE")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                     help="a method setting, or slurm.KEY=VALUE to override the cluster preset")  # fmt: skip
     run.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable state dumps")
+    run.add_argument("--teacher", type=Path, default=None,
+                     help="external diffusers class-conditional UNet2DModel folder (or pipeline folder) to unlearn")  # fmt: skip
+    run.add_argument("--inception-weights", type=Path, default=None,
+                     help="FID Inception-v3 weights: adds fid_inception (default: the file in the torch hub cache)")  # fmt: skip
+    run.add_argument(
+        "--clip-model", type=Path, default=None, help="transformers CLIP folder: enables clip_score"
+    )
     _runtime_args(run)
+
+    status = sub.add_parser(
+        "status", help="each run of a sweep: pending, running, done or failed (with its log)"
+    )
+    status.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="sweep folder")
+
+    rep = sub.add_parser("report", help="tables (CSV, Markdown, LaTeX) and figures (PNG, PDF) of results")
+    rep.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help=f"default: {DEFAULT_RESULTS}")
+    rep.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
+    rep.add_argument("--strict", action="store_true", help="fail on a broken metrics file, not skip it")
 
     pre = sub.add_parser("pretrain", help="train a dataset's teacher and judge into the model store")
     pre.add_argument("--dataset", default="fashion-mnist")
@@ -104,19 +131,23 @@ def cmd_show(args) -> None:
 def make_specs(args):
     """Resolve names through the registries (unknown ones list the valid ones) into RunSpecs."""
     from bench.config import RunSpec, parse_sets, resolve_config
+    from bench.data import canonical_name, make_dataset
+    from bench.models.store import check_external_teacher
     from bench.presets import get_preset
-    from bench.registry import DATASETS, EVALUATORS, METHODS
+    from bench.registry import METHODS
 
-    get_preset(args.preset)
+    preset = get_preset(args.preset)
     methods = args.methods or [m for m in METHODS if not METHODS.get(m).oracle]
     classes = {m: METHODS.get(m) for m in methods}
-    evaluators = tuple(args.evaluators or EVALUATORS.names())
-    for e in evaluators:
-        EVALUATORS.get(e)
+    evaluators, options = _evaluators(args)
     sets = parse_sets(args.sets, {m: c.Config for m, c in classes.items()})
+    teacher = getattr(args, "teacher", None)
     specs = []
-    for ds_name in args.datasets:
-        ds = DATASETS.get(ds_name)(data_dir=args.data_dir)
+    for ds_name in map(canonical_name, args.datasets):
+        ds = make_dataset(ds_name, data_dir=args.data_dir, image_size=preset.image_size)
+        if teacher:  # checked against each dataset; it enters the runs' identity as an absolute path
+            check_external_teacher(teacher, dataset=ds_name, image_size=ds.image_size, channels=ds.channels,
+                                   num_classes=ds.num_classes)  # fmt: skip
         for fs_name in args.forget_sets:
             forget_set = ds.forget_set(fs_name)
             for m in methods:
@@ -124,10 +155,34 @@ def make_specs(args):
                 classes[m](resolve_config(classes[m], args.preset, sets.get(m, {}))).validate(forget_set)
                 for seed in args.seeds:
                     specs.append(RunSpec(method=m, dataset=ds_name, forget_set=fs_name, seed=seed, preset=args.preset,
-                                         overrides=tuple(sorted(sets.get(m, {}).items())), evaluators=evaluators))  # fmt: skip
+                                         overrides=tuple(sorted(sets.get(m, {}).items())), evaluators=evaluators,
+                                         teacher_path=str(teacher.expanduser().resolve()) if teacher else "",
+                                         options=options))  # fmt: skip
         if not args.dry_run:
             ds.check()
     return specs
+
+
+def _evaluators(args) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """The evaluators to run and the options they read (weights paths), checked before any run starts.
+
+    By default: every evaluator except those that need an option the user did not give (clip_score without
+    --clip-model); one named in --evaluators without its option is an error.
+    """
+    from bench.registry import EVALUATORS
+
+    given = {"inception_weights": getattr(args, "inception_weights", None),
+             "clip_model": getattr(args, "clip_model", None)}  # fmt: skip
+    names = args.evaluators or [
+        e for e in EVALUATORS if not EVALUATORS.get(e).needs or given.get(EVALUATORS.get(e).needs)
+    ]
+    options: dict[str, str] = {}
+    for e in names:
+        options.update(EVALUATORS.get(e).resolve_options(given))
+    for key, value in given.items():
+        if value and key not in options:
+            log.warning("--%s is unused: no evaluator in --evaluators reads it", key.replace("_", "-"))
+    return tuple(names), tuple(sorted(options.items()))
 
 
 def summary_table(rows) -> str:
@@ -149,41 +204,70 @@ def summary_table(rows) -> str:
 
 
 def cmd_run(args) -> None:
-    from bench import runner, store
+    from bench import launch, store
     from bench.context import Runtime
 
-    if args.launcher != "inline":
-        raise unknown("launcher", args.launcher, ["inline"])
+    cluster_sets = [s for s in args.sets if s.startswith("slurm.")]  # the cluster preset's, not a method's
+    args.sets = [s for s in args.sets if not s.startswith("slurm.")]
     specs = make_specs(args)
-    todo = [s for s in specs if runner.plan(s, args.results, force=args.force)]
-    print(f"{len(specs)} runs, {len(todo)} to do, results in {args.results}")
+    plan = launch.plan(specs, args.results, force=args.force)
+    print(f"{len(specs)} runs, {len(plan.todo)} to do, {len(plan.active)} queued or running, "
+          f"sweep folder {args.results}")  # fmt: skip
     if args.dry_run:
         for s in specs:
-            print(f"  {'todo' if s in todo else 'done'}  {s.run_id}")
+            print(f"  {'todo' if s in plan.todo else 'queued' if s in plan.active else 'done'}  {s.run_id}")
         return
     runtime = Runtime(device=args.device, amp=args.amp, data_dir=args.data_dir, checkpoint_every=args.checkpoint_every,
                       progress=sys.stderr.isatty())  # fmt: skip
-    runtime.check()
-    rows = []
-    for i, spec in enumerate(todo, 1):
-        log.info("[%d/%d] %s", i, len(todo), spec.run_id)
-        d = runner.execute(spec, args.results, runtime, force=args.force)
-        rows += store.read_metrics(d / "metrics.jsonl")
+    if args.launcher != "slurm":  # on SLURM the device is the compute node's, checked in the job
+        runtime.check()
+    launched = launch.launch(plan.todo, args.results, runtime, launcher=args.launcher, cluster=args.cluster,
+                             cluster_sets=cluster_sets, workers=args.workers, force=args.force)  # fmt: skip
+    launch.print_launched(launched, args.results)
+    if args.launcher == "slurm":
+        if not args.wait:
+            print(
+                f"follow with: bench status --results {args.results}"
+                if launched.job_ids
+                else "nothing to submit"
+            )
+            return
+        launched.states = launch.follow(args.results, [s.run_id for s in plan.todo + plan.active])
+    if not launched.states:
+        return
+    done = [s.run_id for s in launched.states.values() if s.state == "done"]
+    rows = [r for rid in done for r in store.read_metrics(store.run_dir(args.results, rid) / "metrics.jsonl")]
     if rows:
         print(summary_table(rows))
+    failed = {rid: s for rid, s in launched.states.items() if s.state != "done"}
+    if failed:
+        raise BenchError(f"{len(failed)} of {len(launched.states)} runs did not finish; rerun the same command "
+                         f"to retry them:\n{launch.format_states(failed)}")  # fmt: skip
+
+
+def cmd_status(args) -> None:
+    from bench import launch
+
+    if not (args.results / "runs").is_dir():
+        raise BenchError(f"--results {args.results}: no runs there (expected {args.results / 'runs'}/RUN_ID)")
+    print(launch.format_states(launch.run_states(args.results)))
 
 
 def cmd_pretrain(args) -> None:
     import torch
 
     from bench.context import Runtime
-    from bench.models.store import user_store
+    from bench.data import make_dataset
+    from bench.models.store import recipe_preset, user_store
     from bench.presets import get_preset
     from bench.pretrain import pretrain
-    from bench.registry import DATASETS
 
-    preset = get_preset(args.preset)
-    dataset = DATASETS.get(args.dataset)(data_dir=args.data_dir, image_size=preset.image_size)
+    dataset = make_dataset(
+        args.dataset, data_dir=args.data_dir, image_size=get_preset(args.preset).image_size
+    )
+    preset = recipe_preset(
+        dataset.name, get_preset(args.preset), args.seed
+    )  # the models runs at it would use
     device = Runtime(device=args.device).torch_device
     torch.manual_seed(args.seed)
     out = pretrain(
@@ -208,7 +292,25 @@ def cmd_perf(args) -> None:
         importlib.import_module(BENCHMARKS[name]).run(device, amp=args.amp)
 
 
-COMMANDS = {"ls": cmd_ls, "show": cmd_show, "run": cmd_run, "pretrain": cmd_pretrain, "perf": cmd_perf}
+def cmd_report(args) -> None:
+    from bench.report import make_report
+
+    report = make_report(args.results, args.out, strict=args.strict)
+    print(report.markdown)
+    print("wrote:")
+    for path in report.paths:
+        print(f"  {path}")
+
+
+COMMANDS = {
+    "ls": cmd_ls,
+    "show": cmd_show,
+    "run": cmd_run,
+    "pretrain": cmd_pretrain,
+    "status": cmd_status,
+    "report": cmd_report,
+    "perf": cmd_perf,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

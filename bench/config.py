@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
@@ -24,17 +26,25 @@ class RunSpec:
     preset: str
     overrides: tuple[tuple[str, Any], ...] = ()  # (field, value) for this method, sorted
     evaluators: tuple[str, ...] = ("forget_accuracy", "fid", "wallclock")
+    teacher_path: str = ""  # an external diffusers teacher folder (absolute); "" = the model store's teacher
+    options: tuple[tuple[str, str], ...] = ()  # evaluator options (weights paths), sorted (name, value)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["overrides"] = dict(self.overrides)
         d["evaluators"] = list(self.evaluators)
+        d["options"] = dict(self.options)
+        # Left out when unset, so runs made before these fields existed keep their ids.
+        for key in ("teacher_path", "options"):
+            if not d[key]:
+                del d[key]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
         d = dict(d)
         d["overrides"] = tuple(sorted(d.get("overrides", {}).items()))
+        d["options"] = tuple(sorted(d.get("options", {}).items()))
         d["evaluators"] = tuple(d["evaluators"])
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
@@ -43,7 +53,10 @@ class RunSpec:
         """Readable prefix plus a hash of everything that defines the run (stable across processes)."""
         blob = json.dumps({"v": SCHEMA_VERSION, **self.to_dict()}, sort_keys=True, default=str)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
-        return f"{self.method}-{self.dataset}-{self.forget_set}-s{self.seed}-{self.preset}-{digest}"
+        # imagefolder:/a/b -> imagefolder-b in the readable prefix; the hash has the whole path.
+        kind, _, path = self.dataset.partition(":")
+        dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{kind}-{Path(path).name}" if path else kind)
+        return f"{self.method}-{dataset}-{self.forget_set}-s{self.seed}-{self.preset}-{digest}"
 
 
 def coerce(value: str, default: Any, *, where: str) -> Any:

@@ -332,11 +332,11 @@ def _state(rid: str, d: Path, job: dict, queue: dict[str, str]) -> RunState:
     if store.is_done(d):
         return RunState(rid, "done", log=str(d))
     log_path = job.get("stderr") or str(d)
-    if active := _active(job, queue):
-        return RunState(rid, active[0], active[1], log_path)
-    if (d / ERROR).is_file():
+    if (d / ERROR).is_file():  # written by the last attempt (launching and starting a run delete it)
         lines = [ln for ln in (d / ERROR).read_text().splitlines() if ln.strip()]
         return RunState(rid, "failed", lines[-1] if lines else "failed", str(d / ERROR))
+    if active := _active(job, queue):
+        return RunState(rid, active[0], active[1], log_path)
     if job.get("launcher") == "slurm":
         state = queue.get(job["job_id"]) or "no record in sacct/squeue"
         return RunState(rid, "failed", f"SLURM job {job['job_id']} {state}, run not finished", log_path)
@@ -381,7 +381,9 @@ class Launched:
     run_ids: list[str]
     job_ids: list[str]
     folder: Path  # where submitit keeps the jobs' pickles and logs
-    states: dict[str, RunState] | None = None  # final states when the launcher waited
+    states: dict[str, RunState] | None = (
+        None  # final states (inline and local run to the end; slurm: follow())
+    )
 
 
 def _job_env() -> dict[str, str]:
@@ -403,9 +405,9 @@ def _record(results: Path, spec: RunSpec, **info: Any) -> None:
 
 def launch(specs: list[RunSpec], results: Path, runtime: Runtime, *, launcher: str = "inline",
            cluster: str | None = None, cluster_sets: list[str] = (), workers: int = 2, force: bool = False,
-           wait: bool = False, poll_s: float = 5.0) -> Launched:  # fmt: skip
+           poll_s: float = 5.0) -> Launched:  # fmt: skip
     """Launch `specs` (already planned) and, for inline and local, run them to the end; slurm returns after
-    submitting one job array unless `wait`. Jobs get specs and paths, never models."""
+    submitting one job array (follow() waits for it). Jobs get specs and paths, never models."""
     if launcher not in LAUNCHERS:
         raise unknown("launcher", launcher, LAUNCHERS)
     if launcher == "slurm" and cluster is None:
@@ -425,7 +427,7 @@ def launch(specs: list[RunSpec], results: Path, runtime: Runtime, *, launcher: s
         return Launched("inline", ids, [], folder, _run_inline(specs, results, runtime))
     if launcher == "local":
         return Launched("local", ids, *_run_local(specs, results, runtime, folder, workers, poll_s))
-    return _submit_slurm(specs, results, runtime, cfg, folder, wait, poll_s)
+    return _submit_slurm(specs, results, runtime, cfg, folder)
 
 
 def _run_inline(specs: list[RunSpec], results: Path, runtime: Runtime) -> dict[str, RunState]:
@@ -470,10 +472,10 @@ def _run_local(specs, results, runtime, folder, workers, poll_s):
     return job_ids, folder, run_states(results, [s.run_id for s in specs])
 
 
-def _submit_slurm(specs, results, runtime, cfg, folder, wait, poll_s) -> Launched:
+def _submit_slurm(specs, results, runtime, cfg, folder) -> Launched:
     ids = [s.run_id for s in specs]
     if not specs:
-        return Launched("slurm", ids, [], folder, {} if wait else None)
+        return Launched("slurm", ids, [], folder)
     ex = slurm_executor(cfg, folder)
     n = len(specs)
     try:
@@ -483,10 +485,7 @@ def _submit_slurm(specs, results, runtime, cfg, folder, wait, poll_s) -> Launche
     for spec, job in zip(specs, jobs, strict=True):
         _record(results, spec, launcher="slurm", job_id=job.job_id, cluster=cfg["name"],
                 stdout=str(job.paths.stdout), stderr=str(job.paths.stderr))  # fmt: skip
-    launched = Launched("slurm", ids, [j.job_id for j in jobs], folder)
-    if wait:
-        launched.states = follow(results, ids, poll_s=poll_s)
-    return launched
+    return Launched("slurm", ids, [j.job_id for j in jobs], folder)
 
 
 def follow(results: Path, run_ids: list[str], *, poll_s: float = 5.0) -> dict[str, RunState]:
@@ -516,13 +515,14 @@ def format_states(states: dict[str, RunState]) -> str:
 
 
 def print_launched(launched: Launched, results: Path, out=sys.stdout) -> None:
-    if launched.launcher == "slurm" and launched.job_ids:
-        array = launched.job_ids[0].split("_")[0]
-        print(f"submitted {len(launched.job_ids)} runs as SLURM job array {array} "
-              f"({launched.job_ids[0]} .. {launched.job_ids[-1]}); sweep folder {results}, job logs in "
+    ids = launched.job_ids
+    if launched.launcher == "slurm" and ids:
+        what = (
+            f"SLURM job array {ids[0].split('_')[0]} ({ids[0]} .. {ids[-1]})"
+            if "_" in ids[0]
+            else f"SLURM job {ids[0]}"
+        )
+        print(f"submitted {len(ids)} run{'s' * (len(ids) > 1)} as {what}; sweep folder {results}, job logs in "
               f"{launched.folder}", file=out)  # fmt: skip
-        if launched.states is None:
-            print(f"follow with: bench status --results {results}", file=out)
-    elif launched.launcher == "local" and launched.job_ids:
-        print(f"ran {len(launched.job_ids)} runs as local jobs {', '.join(launched.job_ids)}; logs in "
-              f"{launched.folder}", file=out)  # fmt: skip
+    elif launched.launcher == "local" and ids:
+        print(f"ran {len(ids)} runs as local jobs {', '.join(ids)}; logs in {launched.folder}", file=out)

@@ -45,7 +45,9 @@ class Preset:
     guidance: float  # classifier-free guidance scale (1 = conditional only, no unconditional pass)
     eta: float  # DDIM eta (0 deterministic DDIM, 1 ancestral DDPM)
     eval_per_class: int  # generated images per class on the evaluation grid
-    models_from: str = ""  # preset whose teacher and judge this one reuses
+    models_from: str = (
+        ""  # preset whose shipped teacher and judge this one reuses (models.store.recipe_preset)
+    )
 
     @property
     def model_key(self) -> str:
@@ -57,12 +59,19 @@ _DEFAULT_TEACHER = TeacherRecipe(
     steps=6000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999,
 )  # fmt: skip
 _DEFAULT_JUDGE = JudgeRecipe(widths=(32, 64, 128), epochs=8, batch_size=128, lr=2e-3)
+# Smoke runs on a dataset without shipped models train these in seconds: they test the plumbing, not quality.
+_SMOKE_TEACHER = TeacherRecipe(
+    block_out_channels=(8, 16), layers_per_block=1, attention=(False, False), norm_num_groups=4,
+    steps=20, batch_size=16, lr=2e-3, warmup_steps=0, ema_decay=0.9,
+)  # fmt: skip
+_SMOKE_JUDGE = JudgeRecipe(widths=(8, 16), epochs=1, batch_size=8, lr=2e-3)
 
 PRESETS = {
     "smoke": Preset(
         name="smoke",
-        description="seconds per run, for tests: the default preset's models, tiny budgets and grids",
-        image_size=16, teacher=_DEFAULT_TEACHER, judge=_DEFAULT_JUDGE,
+        description="seconds per run, for tests: the default preset's shipped models (else a tiny teacher and "
+        "judge trained on the spot), tiny budgets and grids",
+        image_size=16, teacher=_SMOKE_TEACHER, judge=_SMOKE_JUDGE,
         sampler_steps=10, guidance=1.0, eta=0.0, eval_per_class=20, models_from="default",
     ),
     "default": Preset(

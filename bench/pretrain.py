@@ -126,7 +126,7 @@ def recognisability(teacher: DiffusionModel, judge, preset: Preset, *, num_class
 
 
 def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, device: torch.device,
-             amp: bool = False) -> Path:  # fmt: skip
+             amp: bool = False, check_per_class: int = 100) -> Path:  # fmt: skip
     """Train (or finish training) the judge and the teacher for (dataset, preset, seed) into the store."""
     out = store.model_dir(out_root, dataset.name, preset.model_key, seed)
     t0 = time.time()
@@ -143,7 +143,7 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
         dataset, preset, seed=seed, device=device, state_path=out / "teacher_state.pt", amp=amp
     )
     teacher.save(out / "teacher")
-    per_class = recognisability(teacher, judge, preset, num_classes=dataset.num_classes, per_class=100,
+    per_class = recognisability(teacher, judge, preset, num_classes=dataset.num_classes, per_class=check_per_class,
                                 device=device)  # fmt: skip
     command = (f"bench pretrain --dataset {dataset.name} --preset {preset.model_key} --seed {seed} "
                f"--out {shlex.quote(str(out_root))}")  # fmt: skip
@@ -151,7 +151,7 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
         out, command=command, seed=seed, dataset=dataset.describe(), preset=preset.model_key,
         judge_test_accuracy=round(judge_acc, 4),
         teacher_recognised={"mean": round(sum(per_class) / len(per_class), 4),
-                            "per_class": [round(p, 3) for p in per_class], "per_class_n": 100,
+                            "per_class": [round(p, 3) for p in per_class], "per_class_n": check_per_class,
                             "sampler": {"steps": preset.sampler_steps, "guidance": preset.guidance, "eta": preset.eta}},
         torch=torch.__version__, seconds_this_session=round(time.time() - t0, 1),
     )  # fmt: skip

@@ -20,10 +20,11 @@ from bench import store
 from bench.api import EvalContext, SampleSet
 from bench.config import RunSpec, resolve_config
 from bench.context import RunContext, Runtime
+from bench.data import make_dataset
 from bench.errors import BenchError
 from bench.models import store as model_store
 from bench.presets import get_preset
-from bench.registry import DATASETS, EVALUATORS, METHODS
+from bench.registry import EVALUATORS, METHODS
 from bench.sampling import load_sampler
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def environment(device: torch.device) -> dict:
         "diffusers",
         "torchmetrics",
         "torch-fidelity",
+        "transformers",
         "timm",
         "numpy",
         "unlearn-bench",
@@ -62,21 +64,74 @@ def environment(device: torch.device) -> dict:
             "torch_threads": torch.get_num_threads(), "versions": versions}  # fmt: skip
 
 
-def load_models(dataset, preset):
-    """The (teacher, judge, manifest) for this dataset and preset, checksum-verified."""
-    found = model_store.find_models(dataset.name, preset.model_key, TEACHER_SEED)
+def load_models(dataset, preset, *, teacher_path: str = "", device=None, amp: bool = False):
+    """The (teacher, judge, info) for this dataset and preset, checksum-verified.
+
+    They come from the model store (shipped, else the user's); when neither has them they are trained now with
+    the recipe of models.store.recipe_preset() into the user store, and cached there for later runs.
+    `teacher_path` (--teacher) replaces the teacher by an external diffusers UNet; the judge still comes from the
+    store (trained alone when missing).
+    """
+    device = device or torch.device("cpu")
+    recipe = model_store.recipe_preset(dataset.name, preset, TEACHER_SEED)
+    found = model_store.find_models(dataset.name, recipe.model_key, TEACHER_SEED)
+    shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    if teacher_path:
+        teacher = model_store.load_external_teacher(Path(teacher_path), dataset=dataset.name, image_size=dataset.image_size,
+                                                    channels=dataset.channels, num_classes=dataset.num_classes)  # fmt: skip
+        if found is not None:
+            model_store.verify(found)
+            judge_dir = found / "judge"
+        else:
+            judge_dir = _train_judge(dataset, recipe, device=device)
+        return teacher, model_store.load_judge(judge_dir), {"path": teacher_path, "judge": str(judge_dir)}
     if found is None:
-        raise BenchError(
-            f"no pretrained teacher and judge for dataset {dataset.name!r} at preset {preset.model_key!r}; "
-            f"train them with `python -m bench pretrain --dataset {dataset.name} --preset {preset.model_key}` "
-            f"(they go to {model_store.user_store()})"
-        )
+        found = _train_models(dataset, recipe, device=device, amp=amp)
     manifest = model_store.verify(found)
     teacher, judge = model_store.load_teacher(found / "teacher"), model_store.load_judge(found / "judge")
-    if teacher.image_shape != (dataset.channels, dataset.image_size, dataset.image_size):
-        raise BenchError(f"teacher in {found} makes {teacher.image_shape} images, dataset needs "
-                         f"{(dataset.channels, dataset.image_size, dataset.image_size)}")  # fmt: skip
+    if teacher.image_shape != shape:
+        raise BenchError(f"teacher in {found} makes {teacher.image_shape} images, dataset needs {shape}")
     return teacher, judge, {"path": str(found), "command": manifest.get("command")}
+
+
+def _train_models(dataset, recipe, *, device, amp: bool) -> Path:
+    """Pretrain the teacher and judge into the user store (waiting for another process that already does)."""
+    from bench.pretrain import pretrain
+
+    root = model_store.user_store()
+    out = model_store.model_dir(root, dataset.name, recipe.model_key, TEACHER_SEED)
+    with model_store.locked(out):
+        if not (out / model_store.MANIFEST).is_file():
+            t = recipe.teacher
+            log.info("no teacher and judge for %s at preset %s: training them now with the %s recipe (teacher %d "
+                     "steps at batch %d, judge %d epochs) into %s; later runs reuse them", dataset.name,
+                     recipe.model_key, recipe.model_key, t.steps, t.batch_size, recipe.judge.epochs, out)  # fmt: skip
+            torch.manual_seed(TEACHER_SEED)  # the teacher's initial weights come from the global generator
+            # The manifest's recognisability check samples as many images per class as the preset's grid.
+            pretrain(dataset, recipe, seed=TEACHER_SEED, out_root=root, device=device, amp=amp,
+                     check_per_class=recipe.eval_per_class)  # fmt: skip
+    return out
+
+
+def _train_judge(dataset, recipe, *, device) -> Path:
+    """The judge alone (for an external teacher) in the user store, where a later pretrain reuses it."""
+    from bench.pretrain import train_judge
+
+    out = (
+        model_store.model_dir(model_store.user_store(), dataset.name, recipe.model_key, TEACHER_SEED)
+        / "judge"
+    )
+    with model_store.locked(out):
+        if not (out / "model.safetensors").is_file():
+            log.info("no judge for %s at preset %s: training it now with the %s recipe (%d epochs) into %s",
+                     dataset.name, recipe.model_key, recipe.model_key, recipe.judge.epochs, out)  # fmt: skip
+            judge, acc = train_judge(dataset, recipe, seed=TEACHER_SEED, device=device)
+            log.info("judge test accuracy %.4f", acc)
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model_store.save_judge(judge, tmp, widths=recipe.judge.widths)
+            tmp.rename(out)
+    return out
 
 
 def _reset_peak_memory(device: torch.device) -> None:
@@ -121,15 +176,17 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         shutil.rmtree(d)
     if store.is_done(d):
         return d
-    d.mkdir(parents=True, exist_ok=True)
     device = runtime.torch_device
     preset = get_preset(spec.preset)
-    dataset = DATASETS.get(spec.dataset)(data_dir=runtime.data_dir, image_size=preset.image_size)
+    dataset = make_dataset(spec.dataset, data_dir=runtime.data_dir, image_size=preset.image_size)
     forget_set = dataset.forget_set(spec.forget_set)
     method_cls = METHODS.get(spec.method)
     config = resolve_config(method_cls, spec.preset, dict(spec.overrides))
     evaluators = [EVALUATORS.get(name)() for name in spec.evaluators]
-    teacher, judge, teacher_info = load_models(dataset, preset)
+    teacher, judge, teacher_info = load_models(
+        dataset, preset, teacher_path=spec.teacher_path, device=device, amp=runtime.amp
+    )
+    d.mkdir(parents=True, exist_ok=True)  # only now: bad data or models leave no run folder behind
     store.write_json(d / "spec.json", {**spec.to_dict(), "run_id": spec.run_id, "config": vars(config),
                                        "teacher": teacher_info, "forget": forget_set.forget,
                                        "anchor": forget_set.anchor})  # fmt: skip
@@ -171,7 +228,9 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         d / "samples.safetensors",
     )
 
-    ectx = EvalContext(dataset=dataset, forget_set=forget_set, judge=judge, device=device)
+    ectx = EvalContext(
+        dataset=dataset, forget_set=forget_set, judge=judge, device=device, options=dict(spec.options)
+    )
     rows = []
     for ev in evaluators:
         for metric, value, n in ev(samples, ectx):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BenchError
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("run_id", "method", "dataset", "forget_set", "seed", "evaluator", "metric", "subset",
            "value", "n", "higher_is_better", "unit")  # fmt: skip
@@ -73,9 +76,10 @@ def load_results(results: Path, *, strict: bool = True) -> pd.DataFrame:
     for path in sorted(Path(results).rglob("metrics.jsonl")):
         try:
             frames.append(pd.DataFrame(read_metrics(path)))
-        except BenchError:
+        except BenchError as e:
             if strict:
                 raise
+            log.warning("skipped: %s", e)  # the message names the file and the line
     if not frames:
         return pd.DataFrame(columns=list(COLUMNS))
     return pd.concat(frames, ignore_index=True)

@@ -1,3 +1,3 @@
 """Evaluators: each module registers itself in EVALUATORS on import."""
 
-from evaluators import fid, forget_accuracy, wallclock  # noqa: F401
+from evaluators import clip_score, fid, forget_accuracy, wallclock  # noqa: F401

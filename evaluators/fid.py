@@ -1,19 +1,39 @@
-"""Frechet distance in the judge's feature space (`fd_judge`), between generated and real retained-class images.
+"""Frechet distance in the judge's feature space (`fd_judge`), between generated and real retained-class images,
+and real Inception FID (`fid_inception`) when the FID Inception-v3 weights are on disk.
 
-It is not Inception FID and is never reported under that name: the judge is trained on this dataset, so the
-distance is comparable across methods on one dataset and preset, not with published FIDs.
+fd_judge is not Inception FID and is never reported under that name: the judge is trained on this dataset, so the
+distance is comparable across methods on one dataset and preset, not with published FIDs. fid_inception is
+torch-fidelity's FID (its Inception-v3 feature extractor, TF1-compatible resizing to 299x299, its statistics and
+distance) between the generations and the real test images of the retained classes, both at the run's resolution
+(grayscale repeated to RGB). The reference features of a dataset's test split are computed once per weights file
+and resolution and cached (models.store.cache_dir()); any subset's statistics come from them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
 
 from bench.api import EvalContext, Evaluator, Metric, SampleSet
+from bench.errors import BenchError
+from bench.models.store import cache_dir, sha256
 from bench.registry import EVALUATORS
 
+log = logging.getLogger(__name__)
+
 FD_JUDGE = Metric("fd_judge", "retain", higher_is_better=False)
+FID_INCEPTION = Metric("fid_inception", "retain", higher_is_better=False)
+# torch-fidelity's / torchmetrics' file name, then pytorch-fid's: the same 566 tensors of the same network.
+HUB_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
 
 
 class JudgeFeatures(nn.Module):
@@ -41,13 +61,134 @@ def frechet_distance(
     return float(fid.compute())
 
 
+def hub_inception_file() -> Path | None:
+    """The FID Inception weights in the torch hub cache ($TORCH_HOME/hub/checkpoints), if they are there."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    return next((folder / n for n in HUB_NAMES if (folder / n).is_file()), None)
+
+
+@lru_cache(maxsize=2)
+def _load_inception(path: str, stamp: tuple[int, int]) -> tuple[nn.Module, str]:
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    wrong = (
+        f"--inception-weights {path} is not the FID Inception-v3 state dict ({HUB_NAMES[0]} of torch-fidelity, "
+        f"or pytorch-fid's {HUB_NAMES[1]})"
+    )
+    # Read as plain tensors first: torch-fidelity itself unpickles the file with weights_only=False.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise BenchError(f"--inception-weights {path}: no such file") from e
+    except Exception as e:
+        raise BenchError(f"{wrong}: it does not load as a plain state dict ({e})") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise BenchError(f"{wrong}: it holds a {type(state).__name__}, not a state dict of tensors")
+    del state
+    try:
+        net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=path
+        )
+    except RuntimeError as e:  # its strict load_state_dict: missing or unexpected keys, shape mismatches
+        first = str(e).splitlines()[1:3]
+        raise BenchError(f"{wrong}: a different architecture ({' '.join(s.strip() for s in first)})") from e
+    return net.eval(), sha256(Path(path))[:16]
+
+
+def load_inception(path: str | Path) -> tuple[nn.Module, str]:
+    """torch-fidelity's Inception-v3 feature extractor with these weights, and a digest of them (cached per process)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise BenchError(f"--inception-weights {p}: no such file") from e
+    return _load_inception(str(p), (st.st_size, st.st_mtime_ns))
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 (N, 3, H, W), grayscale repeated to three channels."""
+    x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+
+
+@torch.no_grad()
+def inception_features(net: nn.Module, images: torch.Tensor, *, device, batch_size: int = 64) -> np.ndarray:
+    """2048-d pool features (float64) of float images in [-1, 1]."""
+    net.to(device)
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="inception", unit="batch", mininterval=2,
+                  disable=len(images) < 2000):  # fmt: skip
+        (feats,) = net(to_uint8_rgb(images[i : i + batch_size]).to(device))
+        out.append(feats.double().cpu())
+    return torch.cat(out).numpy()
+
+
+def reference_features(dataset, net: nn.Module, digest: str, *, device) -> tuple[np.ndarray, np.ndarray]:
+    """Inception features and labels of the dataset's whole test split, cached per dataset, resolution and weights."""
+    x, y = dataset.images("test")
+    h = hashlib.sha256(digest.encode())
+    h.update(to_uint8_rgb(x).numpy().tobytes())
+    h.update(y.numpy().tobytes())
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset.name)
+    path = cache_dir() / "fid_inception" / f"{slug}-{dataset.image_size}px-test-{h.hexdigest()[:16]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                return f["features"], f["labels"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is recomputed
+    log.info(
+        "fid: Inception features of the %d real test images of %s (cached in %s)", len(x), dataset.name, path
+    )
+    feats = inception_features(net, x, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, features=feats, labels=y.numpy())
+    os.replace(tmp, path)
+    return feats, y.numpy()
+
+
+def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights: str, *, device) -> float:
+    """torch-fidelity's FID between `fake` and the real test images of `classes`."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    net, digest = load_inception(weights)
+    real, labels = reference_features(dataset, net, digest, device=device)
+    real = real[np.isin(labels, classes)]
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(
+            "fid_inception needs at least two generated and two real images of the retained classes"
+        )
+    stats = [
+        fid_features_to_statistics(torch.from_numpy(f))
+        for f in (real, inception_features(net, fake, device=device))
+    ]
+    return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+
+
 @EVALUATORS.register("fid")
 class FID(Evaluator):
-    """fd_judge on the retained classes: generations conditioned on them vs the real test images of them."""
+    """fd_judge on the retained classes: generations conditioned on them vs the real test images of them; and
+    fid_inception on the same images when Inception weights are given (--inception-weights or the hub cache)."""
 
     name = "fid"
     version = "1"
-    metrics = (FD_JUDGE,)
+    metrics = (FD_JUDGE, FID_INCEPTION)
+
+    @classmethod
+    def resolve_options(cls, given):
+        path = given.get("inception_weights") or hub_inception_file()
+        if not path:
+            log.info(
+                "fid: no Inception-v3 weights (--inception-weights PATH, or %s in %s): reporting only fd_judge, the "
+                "Frechet distance in the judge's features, not comparable with published FIDs",
+                HUB_NAMES[0], Path(torch.hub.get_dir()) / "checkpoints",
+            )  # fmt: skip
+            return {}
+        path = Path(path).expanduser().resolve()
+        load_inception(path)  # a wrong file fails here, before any run starts
+        return {"inception_weights": str(path)}
 
     def __call__(self, samples: SampleSet, ctx: EvalContext):
         retain = ctx.forget_set.retain
@@ -58,4 +199,9 @@ class FID(Evaluator):
             raise ValueError(
                 "fd_judge needs at least two generated and two real images of the retained classes"
             )
-        return [(FD_JUDGE, frechet_distance(ctx.judge, real, fake, device=ctx.device), len(fake))]
+        rows = [(FD_JUDGE, frechet_distance(ctx.judge, real, fake, device=ctx.device), len(fake))]
+        weights = ctx.options.get("inception_weights")
+        if weights:
+            value = fid_inception(ctx.dataset, retain, fake, weights, device=ctx.device)
+            rows.append((FID_INCEPTION, value, len(fake)))
+        return rows

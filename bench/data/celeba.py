@@ -90,14 +90,18 @@ def read_attributes(path: Path) -> tuple[tuple[str, ...], np.ndarray]:
     header, rows = lines[1], [r for r in lines[2:] if r]
     missing = [a for a in CONDITIONS if a not in header]
     if missing:
-        raise BenchError(f"{path}: the second line should name the 40 attributes; {', '.join(missing)} missing")
+        raise BenchError(
+            f"{path}: the second line should name the 40 attributes; {', '.join(missing)} missing"
+        )
     if len(rows) != int(lines[0][0]):
         raise BenchError(f"{path} says {lines[0][0]} images on its first line but lists {len(rows)}")
     bad = next((i for i, r in enumerate(rows) if len(r) != len(header) + 1), None)
     if bad is not None:
         raise BenchError(f"{path} line {bad + 3}: {len(rows[bad]) - 1} values, expected {len(header)}")
     try:
-        values = np.array([r[1:] for r in rows]).astype(np.int8) if rows else np.zeros((0, len(header)), np.int8)
+        values = (
+            np.array([r[1:] for r in rows]).astype(np.int8) if rows else np.zeros((0, len(header)), np.int8)
+        )
     except ValueError as e:
         raise BenchError(f"{path}: attribute values must be -1 or 1 ({e})") from e
     if not np.isin(values, (-1, 1)).all():
@@ -149,7 +153,10 @@ class _CelebAFiles(Dataset):
         """The image folder and the three annotation files of the first candidate root that holds them all."""
         for root in self.candidates():
             found = {"images": next((root / p for p in IMAGES if (root / p).is_dir()), None)}
-            found |= {k: next((root / p for p in alts if (root / p).is_file()), None) for k, alts in ANNOTATIONS.items()}
+            found |= {
+                k: next((root / p for p in alts if (root / p).is_file()), None)
+                for k, alts in ANNOTATIONS.items()
+            }
             if all(found.values()):
                 return found
         places = ", ".join(map(str, self.candidates())) or "(no --data-dir or BENCH_DATA_DIR given)"
@@ -168,7 +175,9 @@ class _CelebAFiles(Dataset):
         return Annotations(files, attributes, identity, partition)
 
     def check(self) -> None:
-        _ = self.annotations  # cheap next to a run: it parses the three text files and nothing else
+        """Parse the annotations and decode both splits into the cache: a broken file fails before any run."""
+        for split in ("train", "test"):
+            self.load_split(split)
 
     def _load(self, indices: np.ndarray, labels: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Decode the chosen images (through the decoded-image cache) at `image_size`."""

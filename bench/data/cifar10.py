@@ -24,7 +24,7 @@ from bench.registry import DATASETS
 FOLDER = "cifar-10-batches-py"
 FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 META = "batches.meta"
-RELEASE = "https://www.cs.toronto.edu/~kriz/cifar.html (\"CIFAR-10 python version\", cifar-10-python.tar.gz)"
+RELEASE = 'https://www.cs.toronto.edu/~kriz/cifar.html ("CIFAR-10 python version", cifar-10-python.tar.gz)'
 
 
 def read_pickle(path: Path) -> dict[str, object]:
@@ -77,7 +77,9 @@ class CIFAR10(Dataset):
             if all((d / f).is_file() for f in wanted):
                 return d
         places = ", ".join(map(str, self.candidates())) or "(no --data-dir or BENCH_DATA_DIR given)"
-        missing = next((f"{d / f}" for d in self.candidates()[:1] for f in wanted if not (d / f).is_file()), "")
+        missing = next(
+            (f"{d / f}" for d in self.candidates()[:1] for f in wanted if not (d / f).is_file()), ""
+        )
         raise BenchError(
             f"CIFAR-10 not found: expected the folder {FOLDER}/ with {', '.join(wanted)} in one of: {places}"
             f"{f' (first missing: {missing})' if missing else ''}. Download {RELEASE} and extract it into the "
@@ -85,7 +87,9 @@ class CIFAR10(Dataset):
         )
 
     def check(self) -> None:
-        self.folder()
+        """Every file present and readable (about a second for the real release): a broken one fails before any run."""
+        for split in ("train", "test"):
+            self.load_split(split)
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         folder = self.folder()

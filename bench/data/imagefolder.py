@@ -49,7 +49,9 @@ def center_square(width: int, height: int) -> Box:
     return (left, top, left + side, top + side)
 
 
-def decode_image(path: Path, *, size: int, gray: bool, box: Callable[[int, int], Box] = center_square) -> np.ndarray:
+def decode_image(
+    path: Path, *, size: int, gray: bool, box: Callable[[int, int], Box] = center_square
+) -> np.ndarray:
     """One image as uint8 (size, size, C): the crop `box(width, height)` resized with antialiasing."""
     try:
         with Image.open(path) as img:
@@ -61,7 +63,9 @@ def decode_image(path: Path, *, size: int, gray: bool, box: Callable[[int, int],
                 img.draft("L" if gray else "RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             s = img.size[0] / width
             img = img.convert("L" if gray else "RGB")
-            img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left * s, top * s, right * s, bottom * s))
+            img = img.resize(
+                (size, size), Image.Resampling.BILINEAR, box=(left * s, top * s, right * s, bottom * s)
+            )
             arr = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError as e:
         raise BenchError(f"image {path} is missing") from e
@@ -116,7 +120,9 @@ def cached_arrays(kind: str, key: str, build: Callable[[], tuple[np.ndarray, np.
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")
+    )
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -130,7 +136,9 @@ class ImageFolder(Dataset):
     version = "1"
     takes_path = True  # named as imagefolder:PATH
 
-    def __init__(self, data_dir: Path | None = None, image_size: int | None = None, path: str | Path | None = None):
+    def __init__(
+        self, data_dir: Path | None = None, image_size: int | None = None, path: str | Path | None = None
+    ):
         self.data_dir = Path(data_dir) if data_dir else None
         self.root = Path(path).expanduser().resolve() if path else None
         self._image_size = image_size
@@ -142,16 +150,20 @@ class ImageFolder(Dataset):
 
     @cached_property
     def _layout(self) -> dict:
-        self.check()
+        self._check_folders()
         train = self.root / "train"
         classes = [d.name for d in _subfolders(train)]
         files = {"train": [(f, k) for k, c in enumerate(classes) for f in _image_files(train / c)]}
         if (self.root / "test").is_dir():
             unknown = [d.name for d in _subfolders(self.root / "test") if d.name not in classes]
             if unknown:
-                raise BenchError(f"{self.root / 'test'} has class folders that {train} lacks: {', '.join(unknown)}")
+                raise BenchError(
+                    f"{self.root / 'test'} has class folders that {train} lacks: {', '.join(unknown)}"
+                )
             files["test"] = [(f, k) for k, c in enumerate(classes) if (self.root / "test" / c).is_dir()
                              for f in _image_files(self.root / "test" / c)]  # fmt: skip
+            if not files["test"]:
+                raise BenchError(f"{self.root / 'test'} holds no images; remove it to split train/ instead")
         else:
             files = _seeded_split(files["train"], classes, train)
         for k, c in enumerate(classes):
@@ -186,6 +198,11 @@ class ImageFolder(Dataset):
         return f"imagefolder-{slug}-{fingerprint(files)[:8]}"
 
     def check(self) -> None:
+        """The layout, every image's header and both splits decoded into the cache: broken files fail before any run."""
+        for split in ("train", "test"):
+            self.load_split(split)
+
+    def _check_folders(self) -> None:
         if self.root is None:
             raise BenchError("dataset imagefolder needs its folder: --datasets imagefolder:PATH")
         if not (self.root / "train").is_dir():

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from bench.errors import BenchError
 from bench.models.judge import JudgeCNN
+from bench.presets import Preset, get_preset
 from bench.sampling import DiffusionModel, load_sampler
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "models"
@@ -21,8 +26,37 @@ def user_store() -> Path:
     return Path(os.environ.get("BENCH_MODEL_DIR", Path.home() / ".cache" / "unlearn-bench" / "models"))
 
 
+def cache_dir() -> Path:
+    """Rebuildable caches (decoded images, Inception reference features): BENCH_CACHE_DIR or ~/.cache/unlearn-bench/cache."""
+    return Path(os.environ.get("BENCH_CACHE_DIR", Path.home() / ".cache" / "unlearn-bench" / "cache"))
+
+
 def model_dir(root: Path, dataset: str, preset_key: str, seed: int) -> Path:
     return Path(root) / dataset / preset_key / f"seed{seed}"
+
+
+def recipe_preset(dataset: str, preset: Preset, seed: int = 0) -> Preset:
+    """The preset whose recipe and store key make `dataset`'s teacher and judge for runs at `preset`.
+
+    A preset with `models_from` (smoke) reuses that preset's models only where they ship with the package
+    (fashion-mnist); for every other dataset it trains and caches its own with its own (tiny) recipe. Only shipped
+    models count, so which models a run uses never depends on what a user's cache happens to hold.
+    """
+    if preset.models_from and (model_dir(SHIPPED, dataset, preset.models_from, seed) / MANIFEST).is_file():
+        return get_preset(preset.models_from)
+    return dataclasses.replace(preset, models_from="")
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on `directory` (a sibling lock file): parallel runs wait for one training, not train twice."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def find_models(dataset: str, preset_key: str, seed: int) -> Path | None:
@@ -97,3 +131,81 @@ def load_teacher(directory: Path) -> DiffusionModel:
     if not isinstance(teacher, DiffusionModel):
         raise BenchError(f"{directory} holds a {teacher.kind} model, not a diffusion teacher")
     return teacher
+
+
+# The schedule every sampler and method of the harness assumes (bench.models.unet.noise_schedule).
+SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+            "prediction_type": "epsilon"}  # fmt: skip
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BenchError(f"cannot read {path}: {e}") from e
+
+
+def external_unet_dir(path: Path) -> Path:
+    """The folder of an external teacher's UNet: PATH (config.json + safetensors) or PATH/unet (a pipeline)."""
+    path = Path(path)
+    for d in (path, path / "unet"):
+        if (d / "config.json").is_file():
+            return d
+    raise BenchError(
+        f"--teacher {path}: expected a diffusers UNet2DModel folder (config.json and "
+        "diffusion_pytorch_model.safetensors, as save_pretrained writes them) or a pipeline folder with unet/ in it"
+    )
+
+
+def check_external_teacher(
+    path: Path, *, dataset: str, image_size: int, channels: int, num_classes: int
+) -> Path:
+    """Check an external teacher's config against the dataset (no weights are read); return its UNet folder."""
+    unet_dir = external_unet_dir(path)
+    cfg = _read_config(unet_dir / "config.json")
+    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise BenchError(
+            f"--teacher {path}: {unet_dir} holds a {cfg['_class_name']}; the harness needs a UNet2DModel"
+        )
+    if not any(unet_dir.glob("*.safetensors")):
+        raise BenchError(
+            f"--teacher {path}: no .safetensors weights in {unet_dir} (save with safe_serialization=True)"
+        )
+    size = cfg.get("sample_size")
+    size = size[0] if isinstance(size, list | tuple) and len(set(size)) == 1 else size
+    embeds = cfg.get("num_class_embeds") if cfg.get("class_embed_type") is None else None
+    got = (cfg.get("in_channels"), cfg.get("out_channels"), size, embeds)
+    want = (channels, channels, image_size, num_classes + 1)
+    if got != want:
+        raise BenchError(
+            f"--teacher {path} does not fit dataset {dataset} at this preset: its UNet takes {got[0]} channels, "
+            f"predicts {got[1]}, is {got[2]}x{got[2]} and has {got[3]} class embeddings; the dataset needs "
+            f"{channels} channels in and out, {image_size}x{image_size} (the preset's resolution) and "
+            f"{num_classes + 1} class embeddings ({num_classes} classes plus the null class {num_classes} for guidance)"
+        )
+    scheduler = Path(path) / "scheduler" / "scheduler_config.json"
+    if unet_dir != Path(path) and scheduler.is_file():
+        sched = _read_config(scheduler)
+        diff = {k: sched.get(k) for k, v in SCHEDULE.items() if k in sched and sched[k] != v}
+        if diff:
+            raise BenchError(
+                f"--teacher {path}: its scheduler ({scheduler}) differs from the DDPM schedule the harness samples "
+                f"and unlearns with ({SCHEDULE}) in {diff}"
+            )
+    return unet_dir
+
+
+def load_external_teacher(
+    path: Path, *, dataset: str, image_size: int, channels: int, num_classes: int
+) -> DiffusionModel:
+    """An external class-conditional diffusers UNet2DModel as the teacher, checked against the dataset."""
+    from diffusers import UNet2DModel
+
+    unet_dir = check_external_teacher(path, dataset=dataset, image_size=image_size, channels=channels,
+                                      num_classes=num_classes)  # fmt: skip
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+    except Exception as e:
+        raise BenchError(f"--teacher {path}: cannot load the UNet in {unet_dir}: {e}") from e
+    unet.register_to_config(sample_size=image_size)  # a square [s, s] becomes s, as the samplers expect
+    return DiffusionModel(unet.eval())

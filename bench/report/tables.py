@@ -23,15 +23,17 @@ COST_EVALUATORS = {"wallclock"}  # their metrics go to the cost table, all other
 class Display:
     label: str
     percent: bool = False  # a fraction shown as a percentage (the papers' convention for accuracies)
+    short: str = ""  # the LaTeX header under its subset's group header ("Acc." under "forgotten")
 
 
-# Known metrics in the order papers list them; others follow in the order they first appear.
+# Known metrics in the order papers list them (forgetting, then what is retained, then cost); others follow in
+# the order they first appear.
 DISPLAY = {
-    "accuracy[forget]": Display("Acc. forget", percent=True),
-    "accuracy[retain]": Display("Acc. retain", percent=True),
-    "prob[forget]": Display("Prob. forget", percent=True),
-    "entropy[forget]": Display("Entropy forget"),
+    "accuracy[forget]": Display("Acc. forget", percent=True, short="Acc."),
+    "prob[forget]": Display("Prob. forget", percent=True, short="Prob."),
+    "entropy[forget]": Display("Entropy forget", short="Entropy"),
     "to_anchor[forget]": Display("To anchor", percent=True),
+    "accuracy[retain]": Display("Acc. retain", percent=True, short="Acc."),
     "fd_judge[retain]": Display("fd_judge"),
     "unlearn_s[all]": Display("Unlearn"),
     "sample_s[all]": Display("Sample"),
@@ -39,6 +41,7 @@ DISPLAY = {
     "nfe[all]": Display("NFE"),
     "peak_mem_mb[all]": Display("Peak mem."),
 }
+GROUPS = {"forget": "forgotten", "retain": "retained"}  # subset -> LaTeX group header
 UNIT_LABELS = {"img/s": "", "evals/img": ""}  # units the label already says
 
 
@@ -144,6 +147,8 @@ class Column:
     unit: str  # what the displayed number is in ("%" for fractions shown as percentages)
     percent: bool
     higher_is_better: bool
+    short: str
+    group: str  # the metric's subset
 
 
 @dataclass
@@ -177,8 +182,9 @@ class Table:
             d = max(d, significant(v, 2))
         return round(v, d), d
 
-    def cell(self, method: str, col: Column, pm: str) -> str:
-        """`pm` formats the spread: "{mean} ± {std}" in Markdown; a smaller std in LaTeX."""
+    def cell(self, method: str, col: Column, pm: str, partial: str = " (n={n})") -> str:
+        """`pm` formats the spread ("{mean} ± {std}" in Markdown, a smaller std in LaTeX), `partial` the count
+        of a cell that averages fewer runs than its row."""
         r = self.rounded(method, col)
         if r is None:
             return "-"
@@ -191,7 +197,7 @@ class Table:
         )
         count = int(self.count.at[method, col.key])
         if count != int(self.runs[method]):  # a partial sweep: say how many runs this cell averages
-            text += f" (n={count})"
+            text += partial.format(n=count)
         return text
 
     def best(self) -> pd.DataFrame:
@@ -242,7 +248,8 @@ def build_tables(summary: pd.DataFrame) -> list[Table]:
 def make_column(key: str, meta: pd.Series) -> Column:
     display = DISPLAY.get(key, Display(f"{meta['metric']} {meta['subset']}"))
     unit = "%" if display.percent else UNIT_LABELS.get(meta["unit"], meta["unit"]) or ""
-    return Column(key, display.label, unit, display.percent, bool(meta["higher_is_better"]))
+    return Column(key, display.label, unit, display.percent, bool(meta["higher_is_better"]),
+                  short=display.short or display.label, group=str(meta["subset"]))  # fmt: skip
 
 
 # ---- Markdown -----------------------------------------------------------------------------------------
@@ -287,13 +294,20 @@ def to_latex(t: Table) -> str:
     """A booktabs `table` ready to `\\input`: pandas Styler with the best cells in \\textbf, caption and label;
     a \\midrule sets off the `original` row and the oracle rows."""
     arrow = {True: r"$\uparrow$", False: r"$\downarrow$"}
-    # Two header rows (name; unit and arrow) keep the table narrow enough for a paper's column.
-    heads = pd.MultiIndex.from_tuples([("Method", ""), ("$n$", "")] + [
-        (latex_escape(c.label), (f"({latex_escape(c.unit)}) " if c.unit else "") + arrow[c.higher_is_better])
+    # Header rows: name, then unit and arrow (and above them the subset, when the table mixes subsets) keep
+    # the table narrow enough for a paper's column.
+    heads = [("Method", ""), ("$n$", "")] + [
+        (latex_escape(c.short), (f"({latex_escape(c.unit)}) " if c.unit else "") + arrow[c.higher_is_better])
         for c in t.columns
-    ])  # fmt: skip
+    ]
+    if len({c.group for c in t.columns}) > 1:
+        groups = ["", ""] + [latex_escape(GROUPS.get(c.group, c.group)) for c in t.columns]
+        heads = [(g, *h) for g, h in zip(groups, heads, strict=True)]
+    heads = pd.MultiIndex.from_tuples(heads)
+    rules = _group_rules([c.group for c in t.columns]) if heads.nlevels == 3 else ""
     rows = [
-        [latex_escape(m), str(int(t.runs[m]))] + [t.cell(m, c, PM_LATEX) for c in t.columns]
+        [latex_escape(m), str(int(t.runs[m]))]
+        + [t.cell(m, c, PM_LATEX, r"\,{{\scriptsize($n$={n})}}") for c in t.columns]
         for m in t.methods
     ]
     frame = pd.DataFrame(rows, columns=heads)
@@ -304,12 +318,28 @@ def to_latex(t: Table) -> str:
         latex_escape(caption_text(t)) + r". Mean $\pm$ std over $n$ seeds; $\downarrow$/$\uparrow$: lower/higher"
         r" is better; best unlearning method in bold."
         + (r" fd\_judge: Fr\'echet distance in the judge's feature space (not Inception FID)." if t.kind == "unlearning" else "")
+        + "".join(f" {latex_escape(m)}: oracle (never saw the forgotten data)." for m in t.methods if is_oracle(m))
     )  # fmt: skip
     latex = styler.to_latex(hrules=True, caption=caption, label=f"tab:{t.name}", position_float="centering",
-                            column_format="lr" + "r" * len(t.columns), environment="table")  # fmt: skip
+                            column_format="lr" + "r" * len(t.columns), environment="table",
+                            multicol_align="c")  # fmt: skip
     # \small and tighter column gaps (local to the float) fit a typical column width.
     latex = latex.replace("\\centering\n", "\\centering\n\\small\n\\setlength{\\tabcolsep}{4pt}\n", 1)
+    if rules:  # booktabs rules under the group headers
+        head = latex.index("\\toprule\n") + len("\\toprule\n")
+        end = latex.index("\n", head) + 1
+        latex = latex[:end] + rules + "\n" + latex[end:]
     return _separate_reference_rows(latex, t.methods)
+
+
+def _group_rules(groups: list[str]) -> str:
+    """\\cmidrule under each run of equal groups (columns 1-2 are the method and n)."""
+    rules, start = [], 0
+    for i in range(1, len(groups) + 1):
+        if i == len(groups) or groups[i] != groups[start]:
+            rules.append(f"\\cmidrule(lr){{{start + 3}-{i + 2}}}")
+            start = i
+    return " ".join(rules)
 
 
 def _separate_reference_rows(latex: str, methods: list[str]) -> str:

@@ -1,0 +1,136 @@
+"""CLIP score (Hessel et al., 2021) of generations against "a photo of a {class name}", via torchmetrics CLIPScore.
+
+Reported on the forgotten classes (lower: the model no longer draws what the prompt names) and the retained
+ones (higher). torchmetrics 1.9 averages 100 * cos(image, text) over the images and clips the mean at 0. It
+runs only with a local transformers CLIP folder (--clip-model DIR): no model can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.api import EvalContext, Evaluator, Metric, SampleSet
+from bench.errors import BenchError
+from bench.registry import EVALUATORS
+
+PROMPT = "a photo of a {}"
+CLIP_FORGET = Metric("clip_score", "forget", higher_is_better=False)
+CLIP_RETAIN = Metric("clip_score", "retain", higher_is_better=True)
+HOW = (
+    "a transformers CLIP folder, e.g. made on a machine with internet by `CLIPModel.from_pretrained("
+    "'openai/clip-vit-large-patch14').save_pretrained(DIR)` and the same with CLIPProcessor"
+)
+
+
+class Transformers5CLIP(nn.Module):
+    """torchmetrics 1.9 expects get_image_features / get_text_features to return tensors; transformers 5 returns
+    a BaseModelOutputWithPooling whose pooler_output holds the projected embedding."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+def check_clip_dir(path: Path) -> Path:
+    """A BenchError unless `path` looks like a saved CLIP model with its processor (reads only config files)."""
+    path = Path(path).expanduser().resolve()
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BenchError(f"--clip-model {path}: cannot read config.json ({e}); expected {HOW}") from e
+    if cfg.get("model_type") != "clip":
+        raise BenchError(
+            f"--clip-model {path}: config.json is a {cfg.get('model_type')!r} model, not 'clip'; expected {HOW}"
+        )
+    if not any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        raise BenchError(
+            f"--clip-model {path}: no preprocessor_config.json (the CLIPProcessor is missing); expected {HOW}"
+        )
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        raise BenchError(
+            f"--clip-model {path}: no tokenizer files (tokenizer.json or vocab.json); expected {HOW}"
+        )
+    return path
+
+
+@lru_cache(maxsize=1)
+def load_clip(path: str):
+    """(model, processor) from a local folder, never the hub."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise BenchError(f"--clip-model {path}: cannot load the CLIP model and processor: {e}") from e
+    return Transformers5CLIP(model), processor
+
+
+def clip_score(
+    model, processor, images: torch.Tensor, prompts: list[str], *, device, batch_size: int = 64
+) -> float:
+    """torchmetrics CLIPScore of float images in [-1, 1] (grayscale repeated to RGB) against their prompts."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor)).to(device)
+    x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            metric.update(list(x[i : i + batch_size].to(device)), prompts[i : i + batch_size])
+    return float(metric.compute())
+
+
+@EVALUATORS.register("clip_score")
+class ClipScore(Evaluator):
+    """clip_score of the generations of forgotten and of retained classes against their class prompts."""
+
+    name = "clip_score"
+    version = "1"
+    metrics = (CLIP_FORGET, CLIP_RETAIN)
+    needs = "clip_model"
+
+    @classmethod
+    def resolve_options(cls, given):
+        if not given.get("clip_model"):
+            raise BenchError(f"evaluator clip_score needs --clip-model DIR: {HOW}")
+        return {"clip_model": str(check_clip_dir(Path(given["clip_model"])))}
+
+    def __call__(self, samples: SampleSet, ctx: EvalContext):
+        if not ctx.options.get("clip_model"):
+            raise BenchError(f"evaluator clip_score needs --clip-model DIR: {HOW}")
+        model, processor = load_clip(ctx.options["clip_model"])
+        names = [n.replace("_", " ") for n in ctx.dataset.class_names]
+        forget = torch.isin(samples.labels, torch.tensor(ctx.forget_set.forget))
+        rows = []
+        for metric, mask in ((CLIP_FORGET, forget), (CLIP_RETAIN, ~forget)):
+            labels = samples.labels[mask].tolist()
+            if not labels:
+                raise ValueError(f"clip_score[{metric.subset}] has no generated images to score")
+            prompts = [PROMPT.format(names[k]) for k in labels]
+            rows.append(
+                (
+                    metric,
+                    clip_score(model, processor, samples.images[mask], prompts, device=ctx.device),
+                    len(labels),
+                )
+            )
+        return rows

@@ -1,0 +1,275 @@
+"""`bench report`: tables (CSV, Markdown, booktabs LaTeX) and figures, on hand-written metrics and a smoke sweep."""
+
+import json
+import logging
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib import image as mpimg
+from safetensors.numpy import save_file
+
+from bench import store
+from bench.cli import main
+from bench.errors import BenchError
+from bench.registry import METHODS
+from bench.report import load, make_report, plots, tables
+
+# metric -> (subset, evaluator, higher_is_better, unit)
+SPECS = {
+    "accuracy[forget]": ("forget_accuracy", False, ""),
+    "accuracy[retain]": ("forget_accuracy", True, ""),
+    "fd_judge[retain]": ("fid", False, ""),
+    "unlearn_s[all]": ("wallclock", False, "s"),
+    "sample_s[all]": ("wallclock", False, "s"),
+    "nfe[all]": ("wallclock", False, "evals/img"),
+}
+ORACLE = next((m for m in METHODS if METHODS.get(m).oracle), None)
+
+
+def write_run(root, method, seed, values, *, forget_set="class-0", dataset="fashion-mnist", preset="default"):
+    """A run directory with a hand-written metrics.jsonl (the runner's row format)."""
+    run_id = f"{method}-{dataset}-{forget_set}-s{seed}-{preset}"
+    rows = []
+    for key, value in values.items():
+        metric, subset = key[:-1].split("[")
+        evaluator, hib, unit = SPECS[key]
+        rows.append({"run_id": run_id, "method": method, "dataset": dataset, "forget_set": forget_set,
+                     "seed": seed, "evaluator": evaluator, "metric": metric, "subset": subset, "value": value,
+                     "n": 100, "higher_is_better": hib, "unit": unit, "preset": preset, "evaluator_version": "1",
+                     "method_version": "1"})  # fmt: skip
+    d = store.run_dir(root, run_id)
+    store.write_metrics(d / "metrics.jsonl", rows)
+    return d
+
+
+# Per method: (accuracy[forget], accuracy[retain], fd_judge, unlearn_s) for seed 0; seed 1 adds small offsets.
+HAND = {
+    "original": (0.98, 0.99, 1.0, 0.002),
+    "sfd": (0.01, 0.90, 2.5, 300.0),
+    "finetune": (0.50, 0.95, 4.0, 40.0),
+    "my_method": (0.20, 0.80, 3.0, 10.0),
+}
+
+
+@pytest.fixture
+def hand(tmp_path):
+    root = tmp_path / "sweep"
+    methods = {**HAND, **({ORACLE: (0.0, 0.97, 0.5, 900.0)} if ORACLE else {})}
+    for method, (af, ar, fd, us) in methods.items():
+        for seed in (0, 1):
+            write_run(root, method, seed, {"accuracy[forget]": af + 0.01 * seed, "accuracy[retain]": ar - 0.01 * seed,
+                                           "fd_judge[retain]": fd + 0.1 * seed, "unlearn_s[all]": us * (1 + seed),
+                                           "sample_s[all]": 2.0 + seed, "nfe[all]": 10.0})  # fmt: skip
+    # a partial sweep: finetune's third seed has only the forget accuracy
+    write_run(root, "finetune", 2, {"accuracy[forget]": 0.6})
+    return root
+
+
+def latex_rows(latex: str) -> dict[str, list[str]]:
+    """Body rows of a booktabs table: method -> cells."""
+    body = latex.split(r"\midrule", 1)[1].split(r"\bottomrule")[0]
+    rows = [line.rstrip(" \\").split(" & ") for line in body.splitlines() if " & " in line]
+    return {r[0]: r[1:] for r in rows}
+
+
+def test_method_order_original_reference_registry_then_oracles():
+    order = tables.method_order(["zeta", *([ORACLE] if ORACLE else []), "finetune", "sfd", "original"])
+    assert order[:3] == ["original", "sfd", "finetune"]
+    assert order[-1] == (ORACLE or "zeta")
+    assert "zeta" in order
+
+
+def test_latex_has_booktabs_bold_best_and_escapes(hand):
+    df = store.load_results(hand)
+    t = next(t for t in tables.build_tables(tables.summarize(df)) if t.kind == "unlearning")
+    latex = tables.to_latex(t)
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\caption{", r"\label{tab:"):
+        assert rule in latex
+    assert "my\\_method" in latex and "fd\\_judge" in latex and "my_method" not in latex
+    rows = latex_rows(latex)
+    keys = [c.key for c in t.columns]
+    acc_f = 1 + keys.index("accuracy[forget]")  # cells start with the n column
+    acc_r = 1 + keys.index("accuracy[retain]")
+    # lower is better: sfd forgets best; higher is better: finetune keeps most (original and oracle are
+    # references, not competitors, so their better values are not bold)
+    assert [m for m, cells in rows.items() if cells[acc_f].startswith(r"\textbf{")] == ["sfd"]
+    assert [m for m, cells in rows.items() if cells[acc_r].startswith(r"\textbf{")] == ["finetune"]
+    assert rows["sfd"][acc_f].startswith(r"\textbf{1.5\,")  # percent: mean of 1% and 2%
+    assert (
+        rows["finetune"][acc_r] == r"\textbf{94.5\,{\scriptsize$\pm$0.7}\,{\scriptsize($n$=2)}}"
+    )  # 2 of 3 runs
+    assert list(rows) == tables.method_order(rows)  # fixed order, and rules set off original and the oracle
+    assert latex.count(r"\midrule") == 2 + (1 if ORACLE else 0)
+
+
+def test_markdown_and_csv_agree_with_pandas(hand, tmp_path):
+    df = store.load_results(hand)
+    md, paths = tables.write_tables(df, tmp_path / "out")
+    csv = pd.read_csv(paths[0]).set_index("method")
+    direct = df.assign(key=df.metric + "[" + df.subset + "]").groupby(["method", "key"])["value"]
+    mean, std, count = direct.mean(), direct.std(), direct.count()
+    for (method, key), value in mean.items():
+        assert csv.at[method, f"{key}_mean"] == pytest.approx(value)  # raw fractions, not percentages
+        assert csv.at[method, f"{key}_n"] == count[(method, key)]
+        if count[(method, key)] > 1:
+            assert csv.at[method, f"{key}_std"] == pytest.approx(std[(method, key)])
+    assert list(csv.index) == tables.method_order(csv.index)
+    # Markdown: percentages with one decimal, mean ± std, the cell count when it differs from the row's
+    line = next(row for row in md.splitlines() if row.startswith("| finetune |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    heads = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    acc_f = heads.index("Acc. forget (%) ↓")
+    m, s = 100 * mean[("finetune", "accuracy[forget]")], 100 * std[("finetune", "accuracy[forget]")]
+    assert cells[1] == "3" and cells[acc_f] == f"{m:.1f} ± {s:.1f}"
+    m, s = 100 * mean[("finetune", "accuracy[retain]")], 100 * std[("finetune", "accuracy[retain]")]
+    assert cells[heads.index("Acc. retain (%) ↑")] == f"**{m:.1f} ± {s:.1f} (n=2)**"
+    assert "| original | 2 |" in md and "Unlearn (s) ↓" in md and "NFE ↓" in md
+    assert (tmp_path / "out" / "table.md").read_text() == md
+
+
+def test_one_seed_shows_no_spread_and_counts_no_decimals(tmp_path):
+    write_run(tmp_path, "sfd", 0, {"accuracy[forget]": 0.125, "nfe[all]": 1.0, "unlearn_s[all]": 2.3456})
+    write_run(tmp_path, "original", 0, {"accuracy[forget]": 0.9, "nfe[all]": 25.0, "unlearn_s[all]": 0.0004})
+    md, _ = tables.write_tables(store.load_results(tmp_path), tmp_path / "out")
+    assert "| sfd | 1 | **12.5** |" in md
+    assert "| sfd | 1 | **2.35** | **1** |" in md  # seconds get three significant digits, NFE is a count
+    assert "| original | 1 | 0.00040 | 25 |" in md  # far below the column's scale: two significant digits
+
+
+def test_report_writes_figures_of_the_expected_size(hand, tmp_path):
+    k = 10
+    grid = np.zeros((k, 8, 1, 16, 16), dtype=np.uint8)
+    grid[:, :, :, 4:12, 4:12] = np.arange(k, dtype=np.uint8)[:, None, None, None, None] * 25
+    for d in (hand / "runs").iterdir():
+        if d.name.endswith("-s0-default"):
+            save_file({"images": grid}, str(d / "samples.safetensors"))
+    report = make_report(hand, tmp_path / "out")
+    names = {p.name for p in report.paths}
+    assert {"tradeoff_fashion-mnist_default.png", "wallclock_fashion-mnist_default.pdf",
+            "samples_fashion-mnist_class-0_default_s0.png", "table.csv", "table.md"} <= names  # fmt: skip
+    assert not any(n.startswith("samples_") and "_s1." in n for n in names)  # seed 1 kept no samples
+    df = store.load_results(hand)
+    grids = {d.name.split("-")[0]: grid for d in (hand / "runs").iterdir() if d.name.endswith("-s0-default")}
+    expected = {
+        "tradeoff_fashion-mnist_default.png": plots.tradeoff_figure(df, "fashion-mnist", "default"),
+        "wallclock_fashion-mnist_default.png": plots.wallclock_figure(df, "fashion-mnist", "default"),
+        "samples_fashion-mnist_class-0_default_s0.png": plots.sample_grid_figure(
+            grids, class_names=[str(c) for c in range(k)], forget=[0], title="t"
+        ),
+    }
+    for name, fig in expected.items():
+        img = mpimg.imread(tmp_path / "out" / name)
+        w, h = fig.get_size_inches() * plots.DPI
+        assert img.shape[:2] == (round(h), round(w)), name
+        assert img.shape[1] >= 800 and img[..., :3].std() > 0.05, name  # readable size, not blank
+        assert (tmp_path / "out" / name.replace(".png", ".pdf")).stat().st_size > 1000
+    # the forgotten class is framed in red; the samples themselves are drawn
+    img = mpimg.imread(tmp_path / "out" / "samples_fashion-mnist_class-0_default_s0.png")[..., :3]
+    red = np.array([0xD6, 0x27, 0x28]) / 255
+    assert (np.abs(img - red).max(-1) < 0.05).sum() > 100
+    assert len(np.unique(img.round(2).reshape(-1, 3), axis=0)) > k
+
+
+def test_method_styles_are_fixed_across_figures():
+    a = plots.method_style("sfd")
+    assert plots.method_style("sfd") == a and plots.method_style("finetune") != a
+    if ORACLE:
+        assert plots.method_style(ORACLE) == plots.ORACLE_STYLE
+    styles = {plots.method_style(m) for m in METHODS}
+    assert len(styles) == len(METHODS.names())  # every registered method looks different
+
+
+def test_time_to_forget_plot(tmp_path):
+    points = pd.DataFrame({"method": ["sfd"] * 4 + ["finetune"] * 4, "seconds": [0, 10, 20, 40] * 2,
+                           "accuracy_forget": [0.95, 0.4, 0.05, 0.01, 0.95, 0.9, 0.8, 0.7],
+                           "fd_judge": [1.0, 3.0, 2.5, 2.2, 1.0, 1.2, 1.3, 1.4]})  # fmt: skip
+    fig = plots.time_to_forget_figure(points)
+    paths = plots.save(fig, tmp_path, "ttf")
+    img = mpimg.imread(paths[0])
+    w, h = fig.get_size_inches() * plots.DPI
+    assert img.shape[:2] == (round(h), round(w))
+    assert img[..., :3].std() > 0.05
+    ax_acc, ax_fd = fig.axes[:2]
+    assert [line.get_label() for line in ax_acc.lines] == ["sfd", "finetune"]
+    np.testing.assert_allclose(ax_acc.lines[0].get_ydata(), [95, 40, 5, 1])
+    np.testing.assert_allclose(ax_fd.lines[1].get_ydata(), [1.0, 1.2, 1.3, 1.4])
+    with pytest.raises(BenchError, match="missing fd_judge"):
+        plots.time_to_forget_figure(points.drop(columns="fd_judge"))
+
+
+def test_report_draws_time_to_forget_beside_the_sweep(tmp_path):
+    sweep = tmp_path / "results" / "default"
+    write_run(sweep, "sfd", 0, {"accuracy[forget]": 0.1, "fd_judge[retain]": 2.0})
+    bench_dir = tmp_path / "results" / "benchmarks"
+    bench_dir.mkdir()
+    points = [
+        {"method": "sfd", "seconds": s, "accuracy_forget": a, "fd_judge": 2.0}
+        for s, a in ((1, 0.9), (5, 0.1))
+    ]
+    (bench_dir / "time_to_forget.json").write_text(json.dumps({"points": points}))
+    names = {p.name for p in make_report(sweep).paths}
+    assert {"time_to_forget.png", "time_to_forget.pdf"} <= names
+
+
+def test_broken_metrics_file_is_named(hand, tmp_path, caplog, capsys):
+    broken = hand / "runs" / "broken-run" / "metrics.jsonl"
+    broken.parent.mkdir()
+    broken.write_text('{"run_id": "broken-run", "value": \n')
+    with caplog.at_level(logging.WARNING):
+        df = load(hand, strict=False)
+    assert str(broken) in caplog.text and "line 1" in caplog.text
+    assert "broken-run" not in set(df["run_id"]) and "sfd" in set(df["method"])
+    assert main(["report", "--results", str(hand), "--out", str(tmp_path / "out"), "--strict"]) == 2
+    assert str(broken) in capsys.readouterr().err
+    broken.write_text(json.dumps({c: ("x" if c != "value" else None) for c in store.COLUMNS}) + "\n")
+    with pytest.raises(BenchError, match=r"non-numeric or non-finite values in x \(x\[x\]\)"):
+        load(hand, strict=True)
+    assert "x" not in set(load(hand)["run_id"])
+
+
+def test_empty_or_missing_folder_gives_a_clear_message(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", "--results", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"no results in .*empty: no metrics.jsonl under it; run `python -m bench run", err)
+    assert main(["report", "--results", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ---- on a real smoke sweep ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory, fmnist_dir):
+    results = tmp_path_factory.mktemp("results")
+    args = ["run", "--methods", "original,finetune,sfd", "--preset", "smoke", "--results", str(results),
+            "--data-dir", str(fmnist_dir.parent)]  # fmt: skip
+    assert main(args) == 0
+    return results
+
+
+def test_report_on_a_smoke_sweep(smoke_report, capsys):
+    results = smoke_report
+    assert main(["report", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    report = results / "report"
+    md = (report / "table.md").read_text()
+    assert md in out and str(report / "table.csv") in out
+    for kind in ("unlearning", "cost"):
+        latex = (report / f"table_fashion-mnist_class-0_smoke_{kind}.tex").read_text()
+        assert all(rule in latex for rule in (r"\toprule", r"\midrule", r"\bottomrule"))
+        assert list(latex_rows(latex)) == ["original", "sfd", "finetune"]
+    # one seed: the CSV holds the raw values of the runs
+    df = store.load_results(results)
+    csv = pd.read_csv(report / "table.csv").set_index("method")
+    for row in df.itertuples():
+        assert csv.at[row.method, f"{row.metric}[{row.subset}]_mean"] == pytest.approx(row.value)
+    acc = df[(df.metric == "accuracy") & (df.subset == "forget")].set_index("method")["value"]
+    assert f"| sfd | 1 | {'**' if acc['sfd'] <= acc['finetune'] else ''}{100 * acc['sfd']:.1f}" in md
+    for name in ("tradeoff_fashion-mnist_smoke", "wallclock_fashion-mnist_smoke",
+                 "samples_fashion-mnist_class-0_smoke_s0"):  # fmt: skip
+        img = mpimg.imread(report / f"{name}.png")
+        assert img.shape[0] >= 300 and img.shape[1] >= 800 and img[..., :3].std() > 0.02, name
+        assert (report / f"{name}.pdf").stat().st_size > 1000
