@@ -7,15 +7,13 @@ import datetime as dt
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
-import sys
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 import submitit
 from tqdm.auto import tqdm
 
-from bench import store
+from bench import clusters, store
 from bench.config import RunSpec
 from bench.context import Runtime
 from bench.errors import BenchError, unknown
@@ -32,131 +30,15 @@ from bench.errors import BenchError, unknown
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("inline", "local", "slurm")
-CLUSTERS = Path(__file__).resolve().parent.parent / "slurm"  # the cluster presets shipped with the checkout
 JOB = "job.json"  # how and when the run was last launched (launcher, job id, log paths)
 ERROR = "error.txt"  # traceback of the run's last failed attempt
 ATTEMPTS = "attempts.jsonl"  # one line per start of the run: requeues and resubmissions show up here
 STATE_DUMP = Path("state") / "state.pt"  # RunContext.state_path, relative to the run directory
 STATES = ("pending", "running", "done", "failed")
-ENV_PREFIXES = (
-    "BENCH_",
-    "HF_",
-    "TRANSFORMERS_",
-    "TORCH_HOME",
-)  # travel with the job (clusters may not export)
+# Passed to each job, for clusters that do not export the submitting shell's environment.
+ENV_PREFIXES = ("BENCH_", "HF_", "TRANSFORMERS_", "TORCH_HOME")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local executor kills jobs after 2 min unless told otherwise
 SUBMIT_GRACE_S = 300  # a job sacct does not know yet counts as pending for this long after submission
-
-
-# Cluster presets -------------------------------------------------------------------------------------------
-
-_KEYS: dict[str, tuple[type, ...]] = {
-    "description": (str,), "partition": (str,), "time": (str, int), "gpus_per_node": (int,),
-    "cpus_per_task": (int,), "mem_gb": (float, int), "array_parallelism": (int,), "account": (str,),
-    "qos": (str,), "constraint": (str,), "exclude": (str,), "signal_delay_s": (int,), "max_requeues": (int,),
-    "setup": (list,), "additional": (dict,),
-}  # fmt: skip
-# preset key -> submitit AutoExecutor parameter (the rest are handled in executor_params)
-_SUBMITIT = {"partition": "slurm_partition", "account": "slurm_account", "qos": "slurm_qos",
-             "constraint": "slurm_constraint", "exclude": "slurm_exclude", "cpus_per_task": "cpus_per_task",
-             "mem_gb": "mem_gb", "array_parallelism": "slurm_array_parallelism",
-             "signal_delay_s": "slurm_signal_delay_s", "setup": "slurm_setup",
-             "additional": "slurm_additional_parameters"}  # fmt: skip
-
-
-def cluster_names() -> list[str]:
-    return sorted(p.stem for p in CLUSTERS.glob("*.toml"))
-
-
-def _check_key(key: str, value: Any, where: str) -> None:
-    if key not in _KEYS:
-        raise BenchError(f"{where}: unknown cluster setting {key!r}; valid: {', '.join(_KEYS)} "
-                         "(any other sbatch option goes under `additional`, e.g. slurm.additional.reservation=x)")  # fmt: skip
-    if not isinstance(value, _KEYS[key]) or isinstance(value, bool):
-        types = " or ".join(t.__name__ for t in _KEYS[key])
-        raise BenchError(f"{where}: {key} = {value!r} should be a {types}")
-
-
-def _coerce(key: str, value: str, where: str) -> Any:
-    kind = _KEYS[key][0]
-    if kind is list:  # setup lines, separated by ';'
-        return [v.strip() for v in value.split(";") if v.strip()]
-    if kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError as e:
-            raise BenchError(f"{where}: expected {'an integer' if kind is int else 'a number'}") from e
-    return value
-
-
-def load_cluster(name: str, sets: list[str] = ()) -> dict[str, Any]:
-    """A preset from slurm/NAME.toml (or a path to a .toml), with `slurm.key=value` overrides applied."""
-    path = Path(name)
-    if path.suffix != ".toml":
-        path = CLUSTERS / f"{name}.toml"
-        if not path.is_file():
-            raise unknown("cluster", name, cluster_names())
-    try:
-        cfg = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise BenchError(f"--cluster {name}: cannot read {path}: {e}") from e
-    for key, value in cfg.items():
-        _check_key(key, value, str(path))
-    for item in sets:
-        key, sep, value = item.partition("=")
-        parts = key.split(".")
-        if not sep or parts[0] != "slurm" or len(parts) < 2:
-            raise BenchError(f"--set {item!r}: expected slurm.key=value, e.g. slurm.time=2:00:00")
-        if parts[1] == "additional" and len(parts) == 3:
-            cfg["additional"] = {**cfg.get("additional", {}), parts[2]: value}
-            continue
-        if len(parts) != 2 or parts[1] not in _KEYS or parts[1] in ("additional", "description"):
-            raise BenchError(f"--set {item!r}: unknown cluster setting; valid: {', '.join(_KEYS)} "
-                             "(other sbatch options: slurm.additional.OPTION=value)")  # fmt: skip
-        cfg[parts[1]] = _coerce(parts[1], value, f"--set {item}")
-    time_minutes(cfg.get("time", 60))  # a bad time limit fails here, before anything is submitted
-    cfg["name"] = path.stem
-    return cfg
-
-
-def time_minutes(value: int | str) -> int:
-    """sbatch's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
-    if not m:
-        raise BenchError(f"cluster setting time = {value!r}: expected minutes or [D-]HH:MM:SS, e.g. 4:00:00")
-    days, a, b, c = (int(g) if g else None for g in m.groups())
-    if days is not None:  # D-H, D-H:M, D-H:M:S
-        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:  # H:M:S
-        seconds = a * 3600 + b * 60 + c
-    else:  # M or M:S
-        seconds = a * 60 + (b or 0)
-    return max(1, math.ceil(seconds / 60))
-
-
-def executor_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """submitit AutoExecutor parameters for a cluster preset."""
-    params: dict[str, Any] = {"name": "bench", "timeout_min": time_minutes(cfg.get("time", 60))}
-    for key, target in _SUBMITIT.items():
-        if cfg.get(key) not in (None, "", [], {}):
-            params[target] = cfg[key]
-    # submitit writes --gpus-per-node=0 for 0, which would override a gres request: leave it out instead.
-    if cfg.get("gpus_per_node"):
-        params["gpus_per_node"] = cfg["gpus_per_node"]
-    return params
-
-
-def slurm_executor(cfg: dict[str, Any], folder: Path) -> submitit.AutoExecutor:
-    if shutil.which("sbatch") is None:
-        raise BenchError("--launcher slurm: `sbatch` is not on PATH; run on a SLURM login node "
-                         "(for the local test cluster: source DIR/env.sh after slurm/local-cluster.sh start DIR)")  # fmt: skip
-    ex = submitit.AutoExecutor(
-        folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=cfg.get("max_requeues", 3)
-    )
-    ex.update_parameters(**executor_params(cfg))
-    return ex
 
 
 # The job ---------------------------------------------------------------------------------------------------
@@ -232,6 +114,10 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         log.warning("time limit or preemption: requeueing; the run resumes from its last state dump")
+        # submitit requeues next with `scontrol requeue`, and SLURM answers by sending SIGTERM to every process of
+        # the job, scontrol included: when that arrives before scontrol exits, the requeue counts as failed and
+        # the run with it. An ignored SIGTERM is inherited by scontrol across exec (a Python handler would not be).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return super().checkpoint(*args, **kwargs)
 
 
@@ -412,7 +298,7 @@ def launch(specs: list[RunSpec], results: Path, runtime: Runtime, *, launcher: s
         raise unknown("launcher", launcher, LAUNCHERS)
     if launcher == "slurm" and cluster is None:
         raise BenchError(
-            f"--launcher slurm needs --cluster NAME ({', '.join(cluster_names())}) or a .toml path"
+            f"--launcher slurm needs --cluster NAME ({', '.join(clusters.cluster_names())}) or a .toml path"
         )
     if cluster_sets and launcher != "slurm":
         raise BenchError(f"--set {cluster_sets[0]}: slurm.* settings need --launcher slurm")
@@ -420,7 +306,7 @@ def launch(specs: list[RunSpec], results: Path, runtime: Runtime, *, launcher: s
     folder = results / "jobs"
     runtime = dataclasses.replace(runtime, progress=launcher == "inline" and runtime.progress,
                                   data_dir=Path(runtime.data_dir).resolve() if runtime.data_dir else None)  # fmt: skip
-    cfg = load_cluster(cluster, cluster_sets) if launcher == "slurm" else {}
+    cfg = clusters.load_cluster(cluster, cluster_sets) if launcher == "slurm" else {}
     _prepare(specs, results, force)
     ids = [s.run_id for s in specs]
     if launcher == "inline":
@@ -446,7 +332,7 @@ def _run_inline(specs: list[RunSpec], results: Path, runtime: Runtime) -> dict[s
 
 
 def _run_local(specs, results, runtime, folder, workers, poll_s):
-    ex = submitit.LocalExecutor(folder=folder / "%j")
+    ex = submitit.LocalExecutor(folder=folder)
     ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
     env, queue, running, job_ids = _job_env(), list(specs), {}, []
     bar = tqdm(total=len(specs), desc="runs", unit="run", disable=None)
@@ -476,7 +362,7 @@ def _submit_slurm(specs, results, runtime, cfg, folder) -> Launched:
     ids = [s.run_id for s in specs]
     if not specs:
         return Launched("slurm", ids, [], folder)
-    ex = slurm_executor(cfg, folder)
+    ex = clusters.executor(cfg, folder)
     n = len(specs)
     try:
         jobs = ex.map_array(RunJob(), specs, [str(results)] * n, [runtime] * n, [_job_env()] * n)
@@ -514,7 +400,7 @@ def format_states(states: dict[str, RunState]) -> str:
     return "\n".join(lines)
 
 
-def print_launched(launched: Launched, results: Path, out=sys.stdout) -> None:
+def print_launched(launched: Launched, results: Path) -> None:
     ids = launched.job_ids
     if launched.launcher == "slurm" and ids:
         what = (
@@ -523,6 +409,6 @@ def print_launched(launched: Launched, results: Path, out=sys.stdout) -> None:
             else f"SLURM job {ids[0]}"
         )
         print(f"submitted {len(ids)} run{'s' * (len(ids) > 1)} as {what}; sweep folder {results}, job logs in "
-              f"{launched.folder}", file=out)  # fmt: skip
+              f"{launched.folder}")  # fmt: skip
     elif launched.launcher == "local" and ids:
-        print(f"ran {len(ids)} runs as local jobs {', '.join(ids)}; logs in {launched.folder}", file=out)
+        print(f"ran {len(ids)} runs as local jobs {', '.join(ids)}; logs in {launched.folder}")

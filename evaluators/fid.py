@@ -3,10 +3,11 @@ and real Inception FID (`fid_inception`) when the FID Inception-v3 weights are o
 
 fd_judge is not Inception FID and is never reported under that name: the judge is trained on this dataset, so the
 distance is comparable across methods on one dataset and preset, not with published FIDs. fid_inception is
-torch-fidelity's FID (its Inception-v3 feature extractor, TF1-compatible resizing to 299x299, its statistics and
-distance) between the generations and the real test images of the retained classes, both at the run's resolution
-(grayscale repeated to RGB). The reference features of a dataset's test split are computed once per weights file
-and resolution and cached (models.store.cache_dir()); any subset's statistics come from them.
+torch-fidelity's FID (its Inception-v3 feature extractor with TF1-compatible resizing to 299x299, and its
+Frechet distance, computed in sample space when there are fewer images than features) between the generations
+and the real test images of the retained classes, both at the run's resolution (grayscale repeated to RGB). The
+reference features of a dataset's test split are computed once per weights file and resolution and cached
+(models.store.cache_dir()); the statistics of any subset of classes come from them.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def hub_inception_file() -> Path | None:
 
 
 @lru_cache(maxsize=2)
-def _load_inception(path: str, stamp: tuple[int, int]) -> tuple[nn.Module, str]:
+def _load_inception(
+    path: str, stamp: tuple[int, int]
+) -> tuple[nn.Module, str]:  # stamp: size, mtime (cache key)
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     wrong = (
@@ -96,7 +99,7 @@ def _load_inception(path: str, stamp: tuple[int, int]) -> tuple[nn.Module, str]:
 
 
 def load_inception(path: str | Path) -> tuple[nn.Module, str]:
-    """torch-fidelity's Inception-v3 feature extractor with these weights, and a digest of them (cached per process)."""
+    """torch-fidelity's Inception-v3 feature extractor with these weights and their digest (cached per process)."""
     p = Path(path)
     try:
         st = p.stat()
@@ -149,10 +152,29 @@ def reference_features(dataset, net: nn.Module, digest: str, *, device) -> tuple
     return feats, y.numpy()
 
 
-def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights: str, *, device) -> float:
-    """torch-fidelity's FID between `fake` and the real test images of `classes`."""
+def frechet_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """torch-fidelity's FID of two feature sets (N, d) and (M, d).
+
+    With fewer samples than dimensions (the usual case here: hundreds of images, d = 2048) the covariances have
+    low rank, and torch-fidelity's eigvals of the 2048x2048 product (seconds, and complex round-off) is replaced
+    by its exact sample-space form: for S1 = A^T A and S2 = B^T B (centred features / sqrt(n - 1)),
+    tr sqrtm(S1 S2) is the nuclear norm of B A^T.
+    """
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
+    n, m, d = len(real), len(fake), real.shape[1]
+    if min(n, m) > d:
+        stats = [fid_features_to_statistics(torch.from_numpy(f)) for f in (real, fake)]
+        return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+    a = (real - real.mean(0)) / np.sqrt(n - 1)
+    b = (fake - fake.mean(0)) / np.sqrt(m - 1)
+    diff = real.mean(0) - fake.mean(0)
+    nuclear = np.linalg.svd(b @ a.T, compute_uv=False).sum()
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * nuclear)
+
+
+def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights: str, *, device) -> float:
+    """FID between `fake` and the real test images of `classes` (Inception features by torch-fidelity)."""
     net, digest = load_inception(weights)
     real, labels = reference_features(dataset, net, digest, device=device)
     real = real[np.isin(labels, classes)]
@@ -160,11 +182,7 @@ def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights
         raise ValueError(
             "fid_inception needs at least two generated and two real images of the retained classes"
         )
-    stats = [
-        fid_features_to_statistics(torch.from_numpy(f))
-        for f in (real, inception_features(net, fake, device=device))
-    ]
-    return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+    return frechet_from_features(real, inception_features(net, fake, device=device))
 
 
 @EVALUATORS.register("fid")

@@ -44,7 +44,9 @@ CONDITIONING = ("class_embedding", "time_emb_proj")  # where the label enters: t
 NOT_IN_ESD_U = ("time_embedding", "conv_norm_out", "conv_out")  # noxattn also skips time_embed and out.
 
 
-def esd_target(eps_cond: torch.Tensor, eps_null: torch.Tensor, eta: float, base: str = "null") -> torch.Tensor:
+def esd_target(
+    eps_cond: torch.Tensor, eps_null: torch.Tensor, eta: float, base: str = "null"
+) -> torch.Tensor:
     """eps*(base) - eta (eps*(c) - eps*(null)), base 'null' (paper) or 'concept' (esd_sd.py without erase_from)."""
     anchor = eps_null if base == "null" else eps_cond
     return anchor - eta * (eps_cond - eps_null)
@@ -79,9 +81,13 @@ class ESDConfig:
     batch_size: int = param(1, f"{OLD}: one image per iteration (start_code of batch 1)")
     start_guidance: float = param(3.0, f"{OLD} --start_guidance (guidance of the generated x_t)")
     ddim_steps: int = param(50, f"{OLD} --ddim_steps")
-    train_method: str = param("esd-u", f"{OLD} --train_method noxattn (ESD-u), the paper's choice for objects")
+    train_method: str = param(
+        "esd-u", f"{OLD} --train_method noxattn (ESD-u), the paper's choice for objects"
+    )
     target_base: str = param("null", f"{OLD}: e_0 - negative_guidance (e_p - e_0); 'concept' as esd_sd.py")
-    sample_from: str = param("trained", f"{OLD}: x_t sampled by the model being trained; 'frozen' as esd_sd.py")
+    sample_from: str = param(
+        "trained", f"{OLD}: x_t sampled by the model being trained; 'frozen' as esd_sd.py"
+    )
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,9 @@ class ESD(Method):
 @METHODS.register("esd-new")
 class ESDNew(ESD):
     name = "esd-new"
-    paper = "ESD (Gandikota et al., ICCV 2023) with the official diffusers script's defaults (esd_sd.py); ESD-u"
+    paper = (
+        "ESD (Gandikota et al., ICCV 2023) with the official diffusers script's defaults (esd_sd.py); ESD-u"
+    )
     Config = ESDNewConfig
     scaled = {
         "smoke": Scaled({"iterations": 3, "ddim_steps": 4}, "seconds-long test runs"),

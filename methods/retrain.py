@@ -31,7 +31,9 @@ class RetrainConfig:
     steps: int = param(_PAPER.steps, f"{SRC} training.n_iters")
     batch_size: int = param(_PAPER.batch_size, f"{SRC} training.batch_size")
     lr: float = param(_PAPER.lr, f"{SRC} optim.lr")
-    warmup_steps: int = param(_PAPER.warmup_steps, "paper preset teacher warm-up (bench/presets.py; DDPM recipe)")
+    warmup_steps: int = param(
+        _PAPER.warmup_steps, "paper preset teacher warm-up (bench/presets.py; DDPM recipe)"
+    )
     ema_decay: float = param(_PAPER.ema_decay, f"{SRC} model.ema_rate")
     label_dropout: float = param(_PAPER.label_dropout, f"{SRC} model.cond_drop_prob")
     grad_clip: float = param(_PAPER.grad_clip, f"{SRC} optim.grad_clip")
@@ -45,7 +47,9 @@ def _recipe(recipe: TeacherRecipe) -> dict:
 class Retrain(Method):
     name = "retrain"
     version = "1"
-    paper = "retrain from scratch on the retained classes only (the 'Retrain' row of SA, SalUn and SFD tables)"
+    paper = (
+        "retrain from scratch on the retained classes only (the 'Retrain' row of SA, SalUn and SFD tables)"
+    )
     Config = RetrainConfig
     requires = frozenset({"retain"})
     oracle = True

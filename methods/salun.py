@@ -55,14 +55,19 @@ def relabel_loss(eps_forget: torch.Tensor, eps_relabel: torch.Tensor) -> torch.T
     return (eps_forget.float() - eps_relabel.detach().float()).square().mean()
 
 
-def relabel_targets(choice: str, labels: torch.Tensor, forget_set: ForgetSet, g: torch.Generator) -> torch.Tensor:
+def relabel_targets(
+    choice: str, labels: torch.Tensor, forget_set: ForgetSet, g: torch.Generator
+) -> torch.Tensor:
     """c' for each forgotten label: the next retained class cyclically ('next'), or a random retained class."""
     retain = torch.tensor(forget_set.retain)
     if choice == "random":
         return retain[torch.randint(len(retain), (len(labels),), generator=g)]
     if choice == "next":
         k = len(forget_set.forget) + len(forget_set.retain)
-        nxt = {c: next((c + j) % k for j in range(1, k) if (c + j) % k in forget_set.retain) for c in forget_set.forget}
+        nxt = {
+            c: next((c + j) % k for j in range(1, k) if (c + j) % k in forget_set.retain)
+            for c in forget_set.forget
+        }
         return torch.tensor([nxt[int(c)] for c in labels])
     raise BenchError(f"salun.relabel={choice!r}: expected one of {', '.join(RELABELS)}")
 
@@ -108,10 +113,14 @@ class SalUnConfig:
     adam_eps: float = param(1e-8, f"{SRC} optim.eps")
     grad_clip: float = param(1.0, f"{SRC} optim.grad_clip (norm, before masking)")
     alpha: float = param(1e-3, "SalUn DDPM/README.md --alpha 1e-3 (maintainers, issue #19)")
-    relabel: str = param("next", "SalUn runners/diffusion.py: pseudo_c = (label_to_forget + 1) % 10; or 'random'")
+    relabel: str = param(
+        "next", "SalUn runners/diffusion.py: pseudo_c = (label_to_forget + 1) % 10; or 'random'"
+    )
     label_dropout: float = param(0.1, "SalUn model.cond_drop_prob (retained term)")
     mask_ratio: float = param(0.5, "SalUn DDPM/train.py --mask_ratio 0.5 (threshold_list [0.5])")
-    mask_guidance: float = param(3.0, "SalUn DDPM/train.py --cond_scale 2.0 in generate_mask (= guidance 3 here)")
+    mask_guidance: float = param(
+        3.0, "SalUn DDPM/train.py --cond_scale 2.0 in generate_mask (= guidance 3 here)"
+    )
     mask_images: int = param(0, "SalUn generate_mask: one pass over all forget images (0 = all)")
 
 
@@ -164,7 +173,9 @@ class SalUn(Method):
             ir = torch.randint(len(x_r), (n,), generator=g)
             c_r = drop_labels(y_r[ir], cfg.label_dropout, null, g)
             t_r, e_r = antithetic_timesteps(n, g), torch.randn(x_r[ir].shape, generator=g)
-            loss_retain = denoising_loss(unet, x_r[ir].to(dev), c_r.to(dev), t_r.to(dev), e_r.to(dev), amp=ctx.amp)
+            loss_retain = denoising_loss(
+                unet, x_r[ir].to(dev), c_r.to(dev), t_r.to(dev), e_r.to(dev), amp=ctx.amp
+            )
 
             i_f = torch.randint(len(x_f), (n,), generator=g)
             t_f, e_f = antithetic_timesteps(n, g), torch.randn(x_f[i_f].shape, generator=g)

@@ -68,10 +68,11 @@ _sl_ours() {
 	local pid=$1 comm=$2 dir=$3
 	[[ $pid =~ ^[0-9]+$ ]] || return 1
 	[[ -r /proc/$pid/status ]] || return 1
-	grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" && return 1
+	grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null && return 1
 	[[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
-	tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir/" && return 0
-	tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$dir/etc/slurm.conf"
+	# (the process may end while we look: the braces silence the shell's own "No such process")
+	{ tr '\0' '\n' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF "$dir/" && return 0
+	{ tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$dir/etc/slurm.conf"
 }
 
 _sl_pid() { [[ -r $1 ]] && tr -dc '0-9' <"$1"; }

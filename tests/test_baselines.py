@@ -37,7 +37,9 @@ def test_esd_train_methods_split_the_unet():
     assert x == {n for n in names if n.startswith("class_embedding") or ".time_emb_proj." in n}
     assert not x & u
     left_out = set(names) - x - u
-    assert left_out == {n for n in names if n.split(".")[0] in ("time_embedding", "conv_norm_out", "conv_out")}
+    assert left_out == {
+        n for n in names if n.split(".")[0] in ("time_embedding", "conv_norm_out", "conv_out")
+    }
     assert all(esd.trainable(n, "full") for n in names)
     with pytest.raises(BenchError, match="train_method"):
         esd.trainable("conv_in.weight", "xattn")
@@ -111,7 +113,9 @@ def test_ewc_penalty_matches_a_direct_sum():
     fisher = {k: rng.random(v.shape) for k, v in theta.items()}
     direct = sum(np.sum(fisher[k] * (theta[k] - star[k]) ** 2) for k in theta)
     t = {k: torch.tensor(v) for k, v in theta.items()}
-    got = sa.ewc_penalty(t, {k: torch.tensor(v) for k, v in star.items()}, {k: torch.tensor(v) for k, v in fisher.items()})
+    got = sa.ewc_penalty(
+        t, {k: torch.tensor(v) for k, v in star.items()}, {k: torch.tensor(v) for k, v in fisher.items()}
+    )
     assert got.item() == pytest.approx(direct, rel=1e-12)
     assert sa.ewc_penalty(t, t, {k: torch.tensor(v) for k, v in fisher.items()}).item() == 0
 
@@ -268,54 +272,40 @@ def _run(name, tmp, data_dir, *, seed=0, checkpoint_every=2, kill_after=None):
     return cls(resolve_config(cls, "smoke", {})).unlearn(tiny_teacher(), ctx.forget_set, ctx)
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ALL)
+def test_contract(name, tmp_path, fmnist_dir, monkeypatch):
+    """A few smoke steps on a tiny teacher: the weights change (except `original`), a run killed after a state
+    dump resumes to the very weights of an uninterrupted run with the same seed (so it is also deterministic),
+    another seed differs, the model saves, reloads and samples identically, and a data-free method reads no image."""
     monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "store"))
+    if not METHODS.get(name).requires:
 
+        def forbidden(*args, **kwargs):
+            raise AssertionError(f"{name} read dataset images")
 
-@pytest.mark.parametrize("name", ALL)
-def test_contract_changes_weights_saves_and_reloads(name, tmp_path, fmnist_dir, store):
-    model = _run(name, tmp_path / "run", fmnist_dir.parent)
-    assert same_weights(model.unet, tiny_teacher().unet) == (name == "original")
-    model.save(tmp_path / "saved")
-    again = load_sampler(tmp_path / "saved")
-    assert type(again) is type(model) and same_weights(again.unet, model.unet)
-    labels, seeds = torch.tensor([0, 5]), [11, 12]
-    a = model.sample(labels, seeds, steps=2, guidance=2.0)
-    b = again.sample(labels, seeds, steps=2, guidance=2.0)
-    assert torch.equal(a, b) and a.shape == (2, 1, 8, 8)
+        monkeypatch.setattr(Dataset, "images", forbidden)
+        monkeypatch.setattr(FashionMNIST, "load_split", forbidden)
+    data = fmnist_dir.parent
+    full = _run(name, tmp_path / "full", data, checkpoint_every=1)
+    assert same_weights(full.unet, tiny_teacher().unet) == (name == "original")
 
-
-@pytest.mark.parametrize("name", ALL)
-def test_contract_deterministic_for_a_seed(name, tmp_path, fmnist_dir, store):
-    a = _run(name, tmp_path / "a", fmnist_dir.parent)
-    b = _run(name, tmp_path / "b", fmnist_dir.parent)
-    assert same_weights(a.unet, b.unet)
-    if name != "original":
-        assert not same_weights(a.unet, _run(name, tmp_path / "c", fmnist_dir.parent, seed=1).unet)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_contract_resumes_after_a_kill(name, tmp_path, fmnist_dir, store):
-    full = _run(name, tmp_path / "full", fmnist_dir.parent, checkpoint_every=1)
     killed = False
     try:
-        _run(name, tmp_path / "killed", fmnist_dir.parent, checkpoint_every=1, kill_after=2)
+        _run(name, tmp_path / "killed", data, checkpoint_every=1, kill_after=2)
     except Killed:
         killed = True
-    assert killed or name == "original"
-    resumed = _run(name, tmp_path / "killed", fmnist_dir.parent, checkpoint_every=1)
+    assert killed or name == "original", "the smoke config must dump state at least twice"
+    resumed = _run(name, tmp_path / "killed", data, checkpoint_every=1)
     assert same_weights(full.unet, resumed.unet)
+    if name != "original":
+        assert not same_weights(full.unet, _run(name, tmp_path / "seed1", data, seed=1).unet)
 
-
-@pytest.mark.parametrize("name", [n for n in ALL if not METHODS.get(n).requires])
-def test_contract_data_free_methods_read_no_image(name, tmp_path, fmnist_dir, store, monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError(f"{name} read dataset images")
-
-    monkeypatch.setattr(Dataset, "images", forbidden)
-    monkeypatch.setattr(FashionMNIST, "load_split", forbidden)
-    _run(name, tmp_path / "run", fmnist_dir.parent)
+    full.save(tmp_path / "saved")
+    again = load_sampler(tmp_path / "saved")
+    assert type(again) is type(full) and same_weights(again.unet, full.unet)
+    labels, seeds = torch.tensor([0, 5]), [11, 12]
+    a = full.sample(labels, seeds, steps=2, guidance=2.0)
+    assert torch.equal(a, again.sample(labels, seeds, steps=2, guidance=2.0)) and a.shape == (2, 1, 8, 8)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -66,7 +66,6 @@ def test_dry_run_lists_runs(smoke, capsys):
         (["--forget-sets", "class-42"], "class 42 does not exist"),
         (["--preset", "huge"], "unknown preset 'huge'; valid presets: default, paper, smoke"),
         (["--evaluators", "fidd"], "unknown evaluator 'fidd'; valid evaluators: .*fid"),
-        (["--launcher", "cloud"], "unknown launcher 'cloud'"),
         (["--methods", "sfd", "--set", "sfd.anchor=0"], "inside forget set 'class-0'"),
         (["--methods", "sfd", "--set", "sfd.itrations=3"], "no field 'itrations'"),
         (["--device", "cuda:7"], "CUDA is not available|cuda:7"),
@@ -78,6 +77,13 @@ def test_bad_input_exits_2_and_touches_nothing(smoke, capsys, extra, message):
     assert main([*args, *extra]) == 2
     assert pytest.importorskip("re").search(message, capsys.readouterr().err)
     assert before == {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+
+
+def test_unknown_launcher_is_a_usage_error(smoke, capsys):
+    _, args = smoke
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--launcher", "cloud"])
+    assert e.value.code == 2 and "invalid choice: 'cloud'" in capsys.readouterr().err
 
 
 def test_missing_data_folder_says_what_to_put_where(tmp_path, monkeypatch, capsys):

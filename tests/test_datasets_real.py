@@ -163,7 +163,7 @@ def test_celeba_drive_layout_and_crlf(tmp_path):
 def test_celeba_missing_names_files_and_release(tmp_path):
     d = write_celeba(tmp_path)
     (d / "identity_CelebA.txt").unlink()
-    with pytest.raises(BenchError, match=r"identity_CelebA\.txt.*mmlab\.ie\.cuhk\.edu\.hk"):
+    with pytest.raises(BenchError, match=r"celeba lacks identity_CelebA\.txt.*mmlab\.ie\.cuhk\.edu\.hk"):
         CelebA(data_dir=tmp_path).check()
 
 

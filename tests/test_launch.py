@@ -1,4 +1,4 @@
-"""Launchers without a cluster: cluster presets, run states, and the inline and local launchers' failure handling."""
+"""Without a cluster: cluster presets, run states, and the inline and local launchers' failure handling."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import submitit
 
-from bench import launch, store
+from bench import clusters, launch, store
 from bench.config import RunSpec
 from bench.context import Runtime
 from bench.errors import BenchError
@@ -37,19 +37,19 @@ def finish(results, s: RunSpec) -> None:
 @pytest.mark.parametrize(("value", "minutes"), [(90, 90), ("90", 90), ("4:00:00", 240), ("1-0", 1440),
                                                 ("1-2:30", 1590), ("0:30", 1), ("10:01", 11)])  # fmt: skip
 def test_time_limits_in_sbatch_formats(value, minutes):
-    assert launch.time_minutes(value) == minutes
+    assert clusters.time_minutes(value) == minutes
 
 
 def test_bad_time_limit_names_the_format():
     with pytest.raises(BenchError, match=r"\[D-\]HH:MM:SS"):
-        launch.load_cluster("local", ["slurm.time=4h"])
+        clusters.load_cluster("local", ["slurm.time=4h"])
 
 
 def test_presets_load_and_overrides_are_typed():
-    assert {"local", "example-gpu"} <= set(launch.cluster_names())
-    cfg = launch.load_cluster("example-gpu", ["slurm.time=2:00:00", "slurm.gpus_per_node=2", "slurm.mem_gb=40.5",
+    assert {"local", "example-gpu"} <= set(clusters.cluster_names())
+    cfg = clusters.load_cluster("example-gpu", ["slurm.time=2:00:00", "slurm.gpus_per_node=2", "slurm.mem_gb=40.5",
                                               "slurm.additional.reservation=paper", "slurm.setup=module load cuda;nvidia-smi"])  # fmt: skip
-    params = launch.executor_params(cfg)
+    params = clusters.executor_params(cfg)
     assert params["timeout_min"] == 120 and params["gpus_per_node"] == 2 and params["mem_gb"] == 40.5
     assert params["slurm_additional_parameters"]["reservation"] == "paper"
     assert params["slurm_setup"] == ["module load cuda", "nvidia-smi"]
@@ -57,9 +57,9 @@ def test_presets_load_and_overrides_are_typed():
 
 
 def test_preset_reaches_the_sbatch_script(tmp_path):
-    cfg = launch.load_cluster("example-gpu", ["slurm.account=proj42", "slurm.qos=high"])
+    cfg = clusters.load_cluster("example-gpu", ["slurm.account=proj42", "slurm.qos=high"])
     ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
-    ex.update_parameters(**launch.executor_params(cfg))
+    ex.update_parameters(**clusters.executor_params(cfg))
     script = ex._executor._make_submission_file_text("python job.py", "uid")  # what sbatch receives
     for line in ("--gpus-per-node=1", "--cpus-per-task=8", "--time=240", "--partition=gpu", "--account=proj42",
                  "--qos=high", "--signal=USR2@120", "--mem=32GB"):  # fmt: skip
@@ -68,8 +68,8 @@ def test_preset_reaches_the_sbatch_script(tmp_path):
 
 def test_zero_gpus_is_left_out():
     # submitit would write --gpus-per-node=0, which cancels a GPU request made through `additional` (gres).
-    cfg = launch.load_cluster("local", ["slurm.gpus_per_node=0", "slurm.additional.gres=gpu:fake:2"])
-    assert "gpus_per_node" not in launch.executor_params(cfg)
+    cfg = clusters.load_cluster("local", ["slurm.gpus_per_node=0", "slurm.additional.gres=gpu:fake:2"])
+    assert "gpus_per_node" not in clusters.executor_params(cfg)
 
 
 @pytest.mark.parametrize(
@@ -77,12 +77,12 @@ def test_zero_gpus_is_left_out():
 )
 def test_bad_overrides_are_named(item):
     with pytest.raises(BenchError, match="--set"):
-        launch.load_cluster("local", [item])
+        clusters.load_cluster("local", [item])
 
 
 def test_unknown_cluster_lists_the_presets():
     with pytest.raises(BenchError, match="example-gpu"):
-        launch.load_cluster("nope")
+        clusters.load_cluster("nope")
 
 
 def test_slurm_needs_a_cluster(tmp_path):

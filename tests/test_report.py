@@ -138,14 +138,32 @@ def test_one_seed_shows_no_spread_and_counts_no_decimals(tmp_path):
     assert "| original | 1 | 0.00040 | 25 |" in md  # far below the column's scale: two significant digits
 
 
-def test_report_writes_figures_of_the_expected_size(hand, tmp_path):
+def test_partial_sweep_gives_rows_only_for_runs_that_exist(tmp_path):
+    write_run(tmp_path, "sfd", 0, {"accuracy[forget]": 0.1})
+    write_run(tmp_path, "original", 0, {"accuracy[forget]": 0.9, "nfe[all]": 10.0}, forget_set="class-3")
+    write_run(tmp_path, "finetune", 0, {"nfe[all]": 10.0}, forget_set="class-3", preset="smoke")
+    md, paths = tables.write_tables(store.load_results(tmp_path), tmp_path / "out")
+    csv = pd.read_csv(paths[0])
+    assert list(zip(csv.forget_set, csv.preset, csv.method, strict=True)) == [
+        ("class-0", "default", "sfd"), ("class-3", "default", "original"), ("class-3", "smoke", "finetune")
+    ]  # fmt: skip
+    assert csv["nfe[all]_n"].isna().tolist() == [True, False, False]
+    assert md.count("preset default: unlearning") == 2 and "preset smoke: cost" in md
+    assert "preset smoke: unlearning" not in md and len(paths) == 2 + 4  # csv, md and 4 LaTeX tables
+
+
+def test_report_writes_figures_of_the_expected_size(hand, tmp_path, caplog):
     k = 10
     grid = np.zeros((k, 8, 1, 16, 16), dtype=np.uint8)
     grid[:, :, :, 4:12, 4:12] = np.arange(k, dtype=np.uint8)[:, None, None, None, None] * 25
     for d in (hand / "runs").iterdir():
         if d.name.endswith("-s0-default"):
             save_file({"images": grid}, str(d / "samples.safetensors"))
-    report = make_report(hand, tmp_path / "out")
+    corrupt = hand / "runs" / "sfd-fashion-mnist-class-0-s1-default" / "samples.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING):
+        report = make_report(hand, tmp_path / "out")
+    assert f"cannot read sample grid {corrupt}" in caplog.text  # named and skipped, the report goes on
     names = {p.name for p in report.paths}
     assert {"tradeoff_fashion-mnist_default.png", "wallclock_fashion-mnist_default.pdf",
             "samples_fashion-mnist_class-0_default_s0.png", "table.csv", "table.md"} <= names  # fmt: skip
@@ -250,6 +268,7 @@ def smoke_report(tmp_path_factory, fmnist_dir):
     return results
 
 
+@pytest.mark.slow  # the sweep takes 25-60 s on the shared 2-core CPU
 def test_report_on_a_smoke_sweep(smoke_report, capsys):
     results = smoke_report
     assert main(["report", "--results", str(results)]) == 0

@@ -151,6 +151,7 @@ class _CelebAFiles(Dataset):
     @cached_property
     def paths(self) -> dict[str, Path]:
         """The image folder and the three annotation files of the first candidate root that holds them all."""
+        missing = ""
         for root in self.candidates():
             found = {"images": next((root / p for p in IMAGES if (root / p).is_dir()), None)}
             found |= {
@@ -159,12 +160,17 @@ class _CelebAFiles(Dataset):
             }
             if all(found.values()):
                 return found
+            if any(found.values()) and not missing:  # a partial copy: say what it lacks
+                lacks = [
+                    (IMAGES if k == "images" else ANNOTATIONS[k])[0] for k, v in found.items() if v is None
+                ]
+                missing = f" ({root} lacks {', '.join(lacks)})"
         places = ", ".join(map(str, self.candidates())) or "(no --data-dir or BENCH_DATA_DIR given)"
         raise BenchError(
             f"CelebA not found: expected img_align_celeba/ (the aligned 178x218 JPEGs of img_align_celeba.zip), "
             f"list_attr_celeba.txt, identity_CelebA.txt and list_eval_partition.txt (flat, or in Img/, Anno/ and "
-            f"Eval/) in one of: {places}. Download them from {RELEASE} (Align&Cropped Images, Anno, Eval) into "
-            "the folder given with --data-dir or BENCH_DATA_DIR."
+            f"Eval/) in one of: {places}{missing}. Download them from {RELEASE} (Align&Cropped Images, Anno, "
+            "Eval) into the folder given with --data-dir or BENCH_DATA_DIR."
         )
 
     @cached_property
@@ -269,7 +275,7 @@ class CelebAIdentity(_CelebAFiles):
         return ForgetSet(name, fs.forget, fs.retain, fs.anchor)
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images at `image_size` and class labels; each identity's last 20% (by file name) are the test split."""
+        """uint8 images at `image_size` and labels; each identity's last 20% (by file name) are its test images."""
         files, identity = self.annotations.files, self.annotations.identity
         indices, labels = [], []
         for k, number in enumerate(self.identities):

@@ -87,7 +87,7 @@ class CIFAR10(Dataset):
         )
 
     def check(self) -> None:
-        """Every file present and readable (about a second for the real release): a broken one fails before any run."""
+        """Every file present and readable (a second for the real release): a broken one fails before any run."""
         for split in ("train", "test"):
             self.load_split(split)
 

@@ -198,7 +198,7 @@ class ImageFolder(Dataset):
         return f"imagefolder-{slug}-{fingerprint(files)[:8]}"
 
     def check(self) -> None:
-        """The layout, every image's header and both splits decoded into the cache: broken files fail before any run."""
+        """Layout, headers and both splits decoded into the cache: a broken file fails before any run."""
         for split in ("train", "test"):
             self.load_split(split)
 

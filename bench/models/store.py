@@ -27,7 +27,7 @@ def user_store() -> Path:
 
 
 def cache_dir() -> Path:
-    """Rebuildable caches (decoded images, Inception reference features): BENCH_CACHE_DIR or ~/.cache/unlearn-bench/cache."""
+    """Rebuildable caches (decoded images, Inception features): BENCH_CACHE_DIR or ~/.cache/unlearn-bench/cache."""
     return Path(os.environ.get("BENCH_CACHE_DIR", Path.home() / ".cache" / "unlearn-bench" / "cache"))
 
 
@@ -49,7 +49,7 @@ def recipe_preset(dataset: str, preset: Preset, seed: int = 0) -> Preset:
 
 @contextlib.contextmanager
 def locked(directory: Path) -> Iterator[None]:
-    """An exclusive lock on `directory` (a sibling lock file): parallel runs wait for one training, not train twice."""
+    """An exclusive lock on `directory` (a sibling lock file): parallel runs wait for one training."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -181,7 +181,8 @@ def check_external_teacher(
             f"--teacher {path} does not fit dataset {dataset} at this preset: its UNet takes {got[0]} channels, "
             f"predicts {got[1]}, is {got[2]}x{got[2]} and has {got[3]} class embeddings; the dataset needs "
             f"{channels} channels in and out, {image_size}x{image_size} (the preset's resolution) and "
-            f"{num_classes + 1} class embeddings ({num_classes} classes plus the null class {num_classes} for guidance)"
+            f"{num_classes + 1} class embeddings ({num_classes} classes plus the null class {num_classes} for "
+            "guidance)"
         )
     scheduler = Path(path) / "scheduler" / "scheduler_config.json"
     if unet_dir != Path(path) and scheduler.is_file():

@@ -179,11 +179,12 @@ def seconds_text(v: float) -> str:
 
 def load_grid(path: Path) -> np.ndarray:
     """A run's kept samples: uint8 (K classes, per class, C, H, W)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
         images = load_file(str(path))["images"]
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
         raise BenchError(f"cannot read sample grid {path}: {e}") from e
     if images.ndim != 5 or images.dtype != np.uint8:
         raise BenchError(f"sample grid {path} must hold uint8 'images' of shape (K, N, C, H, W), got "
@@ -263,7 +264,8 @@ def time_to_forget_figure(points: pd.DataFrame, title: str = "Time to forget") -
     for method in method_order(points["method"]):
         rows = points[points.method == method].sort_values("seconds")
         color, marker = method_style(method)
-        style = {"color": color, "marker": marker, "markersize": 5, "linewidth": 1.5, "label": method}
+        label = f"{method} (oracle)" if is_oracle(method) else method
+        style = {"color": color, "marker": marker, "markersize": 5, "linewidth": 1.5, "label": label}
         ax_acc.plot(rows["seconds"], rows["accuracy_forget"] * 100, **style)
         ax_fd.plot(rows["seconds"], rows["fd_judge"], **style)
     if _log_if_wide(points["seconds"]):
@@ -304,10 +306,13 @@ def write_sample_grids(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -
         grids = {}
         for row in group.itertuples(index=False):
             path = run_dirs.get(row.run_id, Path("/nonexistent")) / "samples.safetensors"
-            if path.is_file():
-                grids[row.method] = load_grid(path)
-            else:
+            if not path.is_file():
                 missing.append(row.run_id)
+                continue
+            try:
+                grids[row.method] = load_grid(path)
+            except BenchError as e:
+                log.warning("skipped: %s", e)
         if not grids:
             continue
         if len({g.shape for g in grids.values()}) > 1:
@@ -316,9 +321,7 @@ def write_sample_grids(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -
             )
             continue
         class_names, forget = _classes(dataset, fs)
-        title = (
-            f"{dataset}, forget {fs}, preset {preset}, seed {seed}: samples per class (same seeds per row)"
-        )
+        title = f"{dataset}, forget {fs}, preset {preset}, seed {seed} (image i of a class: the same noise in every row)"
         fig = sample_grid_figure(grids, class_names=class_names, forget=forget, title=title)
         paths += save(fig, out, f"samples_{safe(dataset)}_{safe(fs)}_{safe(preset)}_s{seed}")
     if missing:

@@ -33,8 +33,11 @@ DISPLAY = {
     "prob[forget]": Display("Prob. forget", percent=True, short="Prob."),
     "entropy[forget]": Display("Entropy forget", short="Entropy"),
     "to_anchor[forget]": Display("To anchor", percent=True),
+    "clip_score[forget]": Display("CLIP forget", short="CLIP"),
     "accuracy[retain]": Display("Acc. retain", percent=True, short="Acc."),
     "fd_judge[retain]": Display("fd_judge"),
+    "fid_inception[retain]": Display("FID", short="FID"),
+    "clip_score[retain]": Display("CLIP retain", short="CLIP"),
     "unlearn_s[all]": Display("Unlearn"),
     "sample_s[all]": Display("Sample"),
     "images_per_s[all]": Display("Images/s"),
@@ -59,7 +62,7 @@ def method_order(methods: Iterable[str]) -> list[str]:
         pos = registry.index(m) if m in registry else len(registry)
         if m == ORIGINAL:
             return (0, 0, m)
-        if m in registry and METHODS.get(m).oracle:
+        if is_oracle(m):
             return (3, pos, m)
         if m == REFERENCE:
             return (1, 0, m)
@@ -100,14 +103,13 @@ def group_order(summary: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 def wide_csv(summary: pd.DataFrame) -> pd.DataFrame:
     """The CSV: one row per (dataset, forget set, preset, method), raw values (fractions, seconds)."""
-    cols = column_order(summary)
-    wide = summary.pivot_table(index=[*GROUP, "method"], columns="column", values=["mean", "std", "count"],
-                               aggfunc="first", dropna=False, sort=False)  # fmt: skip
+    wide = summary.set_index([*GROUP, "method", "column"])[["mean", "std", "count"]].unstack("column")
     out = pd.DataFrame(index=wide.index)
-    for c in cols:
-        for stat in ("mean", "std", "count"):
-            if (stat, c) in wide.columns:
-                out[f"{c}_{stat if stat != 'count' else 'n'}"] = wide[(stat, c)]
+    for c in column_order(summary):
+        out[f"{c}_mean"], out[f"{c}_std"] = wide[("mean", c)], wide[("std", c)]
+        out[f"{c}_n"] = wide[("count", c)].astype(
+            "Int64"
+        )  # runs averaged; empty where a run lacks the metric
     rows = []
     for group in group_order(summary):
         present = [k[3] for k in out.index if k[:3] == group]

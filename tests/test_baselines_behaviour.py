@@ -1,0 +1,40 @@
+"""ESD, SA and SalUn on the shipped fashion-mnist teacher at the default preset: each at least halves the judge's
+accuracy on class-0 generations relative to `original` while retained classes stay recognisable (>= 0.6)."""
+
+import pytest
+
+from bench import store
+from bench.config import RunSpec
+from bench.context import Runtime
+from bench.models import store as model_store
+from bench.runner import execute
+
+pytestmark = pytest.mark.slow
+
+BASELINES = ("esd", "sa", "salun")
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    if not (model_store.model_dir(model_store.SHIPPED, "fashion-mnist", "default", 0) / model_store.MANIFEST).is_file():
+        pytest.skip("the shipped fashion-mnist teacher and judge are not there yet")
+    results = tmp_path_factory.mktemp("baselines")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BENCH_MODEL_DIR", str(tmp_path_factory.mktemp("models")))  # SA's Fisher cache starts empty
+    out = {}
+    try:
+        for method in ("original", *BASELINES):
+            spec = RunSpec(method=method, dataset="fashion-mnist", forget_set="class-0", seed=0, preset="default")
+            rows = store.read_metrics(execute(spec, results, Runtime(progress=False)) / "metrics.jsonl")
+            out[method] = {f"{r['metric']}[{r['subset']}]": r["value"] for r in rows}
+            print(method, out[method])
+    finally:
+        mp.undo()
+    return out
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_baseline_forgets_class_0_and_keeps_the_rest(figures, method):
+    got, original = figures[method], figures["original"]
+    assert got["accuracy[forget]"] <= 0.5 * original["accuracy[forget]"]
+    assert got["accuracy[retain]"] >= 0.6
