@@ -1,4 +1,4 @@
-"""Where runs execute: in this process (`inline`), in local processes (`local`) or as a SLURM job array (`slurm`)."""
+"""Where runs execute: in this process (inline), in local processes (local) or as a SLURM job array (slurm)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _job_id_here() -> str | None:
 
 
 def run_one(spec: RunSpec, results: Path, runtime: Runtime, *, reraise: bool) -> str:
-    """Execute one run unless it is done or another process holds it; a failure leaves its traceback in error.txt."""
+    """Execute one run unless it is done or held by another process; a failure leaves its traceback in error.txt."""
     from bench import runner
 
     d = store.run_dir(results, spec.run_id)
@@ -156,9 +156,8 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     bases = sorted({j.split("_")[0] for j in job_ids})
     states: dict[str, str] = {}
     if bases and shutil.which("sacct"):
-        for line in _run(
-            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(bases)]
-        ).splitlines():
+        sacct = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(bases)])
+        for line in sacct.splitlines():
             jid, _, state = line.partition("|")
             for j in _expand_ids(jid.strip()):
                 states[j] = state.strip()
@@ -227,9 +226,7 @@ def _state(rid: str, d: Path, job: dict, queue: dict[str, str]) -> RunState:
         state = queue.get(job["job_id"]) or "no record in sacct/squeue"
         return RunState(rid, "failed", f"SLURM job {job['job_id']} {state}, run not finished", log_path)
     if job:
-        return RunState(
-            rid, "failed", f"{job.get('launcher')} process ended before the run finished", log_path
-        )
+        return RunState(rid, "failed", f"{job['launcher']} process ended before the run finished", log_path)
     return RunState(rid, "failed", "incomplete, and no job is running it", log_path)
 
 
@@ -252,9 +249,8 @@ def plan(specs: list[RunSpec], results: Path, *, force: bool = False) -> Plan:
         if st in ("pending", "running"):
             out.active.append(s)
         elif st == "done" and not force:
-            store.read_metrics(
-                store.run_dir(results, s.run_id) / "metrics.jsonl"
-            )  # a broken file names itself
+            # a broken results file raises here, naming itself
+            store.read_metrics(store.run_dir(results, s.run_id) / "metrics.jsonl")
             out.done.append(s)
         else:
             out.todo.append(s)
@@ -267,9 +263,8 @@ class Launched:
     run_ids: list[str]
     job_ids: list[str]
     folder: Path  # where submitit keeps the jobs' pickles and logs
-    states: dict[str, RunState] | None = (
-        None  # final states (inline and local run to the end; slurm: follow())
-    )
+    # final states: inline and local run to the end; for slurm, follow() waits for them
+    states: dict[str, RunState] | None = None
 
 
 def _job_env() -> dict[str, str]:

@@ -153,7 +153,7 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
         teacher_recognised={"mean": round(sum(per_class) / len(per_class), 4),
                             "per_class": [round(p, 3) for p in per_class], "per_class_n": check_per_class,
                             "sampler": {"steps": preset.sampler_steps, "guidance": preset.guidance, "eta": preset.eta}},
-        torch=torch.__version__, seconds_this_session=round(time.time() - t0, 1),
+        torch=torch.__version__, torch_threads=torch.get_num_threads(), seconds_this_session=round(time.time() - t0, 1),
     )  # fmt: skip
     (out / "teacher_state.pt").unlink(missing_ok=True)
     return out

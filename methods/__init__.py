@@ -1,3 +1,5 @@
-"""Unlearning methods: each module registers itself in METHODS on import."""
+"""Unlearning methods: each module registers itself in METHODS on import (this order is the tables' order)."""
 
-from methods import esd, finetune, original, retrain, sa, salun, sfd  # noqa: F401
+# isort: off
+from methods import original, sfd, finetune, esd, sa, salun, retrain  # noqa: F401
+# isort: on

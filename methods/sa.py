@@ -165,12 +165,13 @@ class SelectiveAmnesia(Method):
         "smoke": Scaled({"iterations": 3, "batch_size": 4, "replay_per_class": 2, "replay_steps": 2,
                          "fisher_per_class": 1, "fisher_timesteps": 4, "ema_decay": 0.5}, "seconds-long test runs"),
         "default": Scaled(
-            {"iterations": 100, "batch_size": 128, "ema_decay": 0.98, "replay_per_class": 50, "replay_steps": 25,
-             "fisher_per_class": 10, "fisher_timesteps": 50},
-            "CPU budget (about 90 s on 2 cores, cache included): 100 iterations instead of 20k; EMA 0.98 keeps its "
-            "half-life at ~35% of training as 0.9999 over 20k does; replay 50 images per class with 25 sampler "
-            "steps instead of 500 with 1000; Fisher from 10 teacher samples per class with 50 stratified timesteps "
-            "(sum rescaled to 1000) instead of 500 per class with all 1000.",
+            {"iterations": 80, "batch_size": 128, "ema_decay": 0.9755, "replay_per_class": 30, "replay_steps": 25,
+             "fisher_per_class": 10, "fisher_timesteps": 25},
+            "CPU budget (about 70 s on 2 cores, plus about 30 s once per teacher for the cached replay and Fisher): "
+            "80 iterations instead of 20k; EMA 0.9755 keeps its half-life at 35% of training as 0.9999 over 20k "
+            "does; replay 30 images per class on a 25-step sampler instead of 500 on 1000 steps; Fisher from 10 "
+            "teacher samples per class with 25 stratified timesteps (sum rescaled to 1000) instead of 500 per class "
+            "with all 1000. At this budget SA barely forgets (see README): its surrogate term needs far more steps.",
         ),
     }  # fmt: skip
 

@@ -135,7 +135,7 @@ class SalUn(Method):
         "smoke": Scaled({"iterations": 3, "batch_size": 4, "mask_images": 8}, "seconds-long test runs"),
         "default": Scaled(
             {"iterations": 80, "batch_size": 128, "mask_images": 1024},
-            "CPU budget (about 80 s on 2 cores): 80 iterations instead of 1000, the saliency mask from 1024 "
+            "CPU budget (about 90 s on 2 cores): 80 iterations instead of 1000, the saliency mask from 1024 "
             "forget images (8 batches) instead of all of them.",
         ),
     }  # fmt: skip

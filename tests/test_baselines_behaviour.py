@@ -16,7 +16,9 @@ BASELINES = ("esd", "sa", "salun")
 
 @pytest.fixture(scope="module")
 def figures(tmp_path_factory):
-    if not (model_store.model_dir(model_store.SHIPPED, "fashion-mnist", "default", 0) / model_store.MANIFEST).is_file():
+    if not (
+        model_store.model_dir(model_store.SHIPPED, "fashion-mnist", "default", 0) / model_store.MANIFEST
+    ).is_file():
         pytest.skip("the shipped fashion-mnist teacher and judge are not there yet")
     results = tmp_path_factory.mktemp("baselines")
     mp = pytest.MonkeyPatch()
@@ -24,7 +26,9 @@ def figures(tmp_path_factory):
     out = {}
     try:
         for method in ("original", *BASELINES):
-            spec = RunSpec(method=method, dataset="fashion-mnist", forget_set="class-0", seed=0, preset="default")
+            spec = RunSpec(
+                method=method, dataset="fashion-mnist", forget_set="class-0", seed=0, preset="default"
+            )
             rows = store.read_metrics(execute(spec, results, Runtime(progress=False)) / "metrics.jsonl")
             out[method] = {f"{r['metric']}[{r['subset']}]": r["value"] for r in rows}
             print(method, out[method])

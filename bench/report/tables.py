@@ -326,7 +326,7 @@ def to_latex(t: Table) -> str:
                             column_format="lr" + "r" * len(t.columns), environment="table",
                             multicol_align="c")  # fmt: skip
     # \small and tighter column gaps (local to the float) fit a typical column width.
-    latex = latex.replace("\\centering\n", "\\centering\n\\small\n\\setlength{\\tabcolsep}{4pt}\n", 1)
+    latex = latex.replace("\\centering\n", "\\centering\n\\small\n\\setlength{\\tabcolsep}{3pt}\n", 1)
     if rules:  # booktabs rules under the group headers
         head = latex.index("\\toprule\n") + len("\\toprule\n")
         end = latex.index("\n", head) + 1
