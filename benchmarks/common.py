@@ -16,14 +16,13 @@ from bench.models import store
 OUT = Path("results") / "benchmarks"
 
 
-def timed(
-    fn: Callable[[], object], device: torch.device, *, min_seconds: float = 2.0, warmup: int = 1
-) -> float:
-    """Median seconds per call of `fn` after warm-up, over repeats lasting at least `min_seconds` in all."""
+def timed(fn: Callable[[], object], device: torch.device, *, min_seconds: float = 2.0, warmup: int = 1,
+          min_repeats: int = 3) -> float:  # fmt: skip
+    """Median seconds per call of `fn` after warm-up, over at least `min_repeats` calls lasting `min_seconds`."""
     for _ in range(warmup):
         fn()
     times: list[float] = []
-    while sum(times) < min_seconds or len(times) < 3:
+    while sum(times) < min_seconds or len(times) < min_repeats:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -31,8 +30,6 @@ def timed(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-        if len(times) >= 3 and sum(times) >= min_seconds:
-            break
     return sorted(times)[len(times) // 2]
 
 
