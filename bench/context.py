@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +18,12 @@ from bench.api import Dataset, ForgetSet
 from bench.errors import BenchError
 from bench.presets import Preset
 from bench.training import load_state, save_state
+
+if TYPE_CHECKING:
+    from bench.sampling import Sampler
+
+# A probe looks at the model being trained: (step, unlearning seconds so far, the model as a sampler).
+Probe = Callable[[int, float, "Sampler"], None]
 
 
 @dataclass
@@ -26,6 +35,10 @@ class Runtime:
     data_dir: Path | None = None
     checkpoint_every: int = 50  # steps between state dumps
     progress: bool = True
+    # Benchmarks (time to forget) watch training: `probe` is called every `probe_every` steps. It samples with its
+    # own seeds and restores train mode, so it changes nothing a run computes, and its time is not unlearning time.
+    probe: Probe | None = None
+    probe_every: int = 0
 
     def check(self) -> None:
         """Fail early on an unavailable device."""
@@ -54,6 +67,9 @@ class RunContext:
     _generators: dict[str, torch.Generator] = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
     elapsed_before: float = 0.0  # unlearning seconds spent in earlier, interrupted attempts
+    # This attempt's seconds in the harness's services (logs, state dumps, data) and in probes (not in elapsed()).
+    service_s: float = 0.0
+    probe_s: float = 0.0
 
     @property
     def device(self) -> torch.device:
@@ -74,9 +90,29 @@ class RunContext:
         return tqdm(total=total, initial=initial, desc=desc, unit="step", mininterval=2,
                     disable=not self.runtime.progress, leave=False)  # fmt: skip
 
+    @contextmanager
+    def _service(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.service_s += time.perf_counter() - t0
+
     def log(self, step: int, **scalars: float) -> None:
-        with open(self.run_dir / "train_log.jsonl", "a") as f:
+        with self._service(), open(self.run_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def probe(self, step: int, model: Callable[[], Sampler]) -> None:
+        """Show the model after `step` to the runtime's probe, if any (`model` builds the sampler only then)."""
+        every = self.runtime.probe_every
+        if self.runtime.probe is None or every <= 0 or step % every:
+            return
+        t0 = time.perf_counter()
+        sampler = model()
+        training = sampler.unet.training
+        self.runtime.probe(step, self.elapsed(), sampler)
+        sampler.unet.train(training)
+        self.probe_s += time.perf_counter() - t0
 
     # Resume: a method dumps its state every `checkpoint_every` steps and loads it at the start.
     @property
@@ -87,23 +123,26 @@ class RunContext:
         return step % self.runtime.checkpoint_every == 0
 
     def save_state(self, state: dict) -> None:
-        extra = {"_generators": {k: g.get_state() for k, g in self._generators.items()},
-                 "_elapsed": self.elapsed_before + time.perf_counter() - self._started}  # fmt: skip
-        save_state(self.state_path, {**state, **extra})
+        with self._service():
+            extra = {"_generators": {k: g.get_state() for k, g in self._generators.items()},
+                     "_elapsed": self.elapsed()}  # fmt: skip
+            save_state(self.state_path, {**state, **extra})
 
     def load_state(self) -> dict | None:
         """The last dumped state (restoring the generators), or None on a fresh start."""
         if not self.state_path.is_file():
             return None
-        state = load_state(self.state_path)
+        with self._service():
+            state = load_state(self.state_path)
         for name, s in state.pop("_generators").items():
             self.generator(name).set_state(s)
         self.elapsed_before = state.pop("_elapsed")
-        self._started = time.perf_counter()
+        self._started, self.probe_s = time.perf_counter(), 0.0
         return state
 
     def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self._started
+        """Unlearning seconds over all attempts (probes excluded)."""
+        return self.elapsed_before + time.perf_counter() - self._started - self.probe_s
 
     def data(self, which: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """Real images of the forgotten ('forget') or retained ('retain') classes, if the method requires them."""
@@ -112,4 +151,5 @@ class RunContext:
                 f"this method declares requires={sorted(self.requires)} but asked for {which!r} data"
             )
         classes = self.forget_set.forget if which == "forget" else self.forget_set.retain
-        return self.dataset.images(split, classes)
+        with self._service():
+            return self.dataset.images(split, classes)

@@ -10,6 +10,7 @@ import resource
 import shutil
 import subprocess
 import time
+from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
@@ -153,6 +154,33 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class Phases:
+    """Wall-clock seconds of a run attempt by phase (its timings.json): model compute (unlearning less the
+    harness's services, sampling, evaluation) versus everything else the harness does (loading, writing,
+    bookkeeping), which `overhead_fraction` measures."""
+
+    COMPUTE = ("unlearn_compute", "sample", "evaluate")
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def summary(self) -> dict[str, float]:
+        # Probes are the benchmark's time, not the run's.
+        total = time.perf_counter() - self._t0 - self.seconds["probe"]
+        compute = sum(self.seconds[k] for k in self.COMPUTE)
+        return {**{f"{k}_s": v for k, v in sorted(self.seconds.items())}, "total_s": total,
+                "overhead_s": total - compute, "overhead_fraction": (total - compute) / total}  # fmt: skip
+
+
 def eval_grid(num_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, list[int]]:
     """Labels and per-image seeds of the evaluation grid: image j of class c has the same seed in every method."""
     labels = torch.arange(num_classes).repeat_interleave(per_class)
@@ -176,6 +204,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         shutil.rmtree(d)
     if store.is_done(d):
         return d
+    phases = Phases()
     device = runtime.torch_device
     preset = get_preset(spec.preset)
     dataset = make_dataset(spec.dataset, data_dir=runtime.data_dir, image_size=preset.image_size)
@@ -183,9 +212,10 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     method_cls = METHODS.get(spec.method)
     config = resolve_config(method_cls, spec.preset, dict(spec.overrides))
     evaluators = [EVALUATORS.get(name)() for name in spec.evaluators]
-    teacher, judge, teacher_info = load_models(
-        dataset, preset, teacher_path=spec.teacher_path, device=device, amp=runtime.amp
-    )
+    with phases("load"):
+        teacher, judge, teacher_info = load_models(
+            dataset, preset, teacher_path=spec.teacher_path, device=device, amp=runtime.amp
+        )
     d.mkdir(parents=True, exist_ok=True)  # only now: bad data or models leave no run folder behind
     store.write_json(d / "spec.json", {**spec.to_dict(), "run_id": spec.run_id, "config": vars(config),
                                        "teacher": teacher_info, "forget": forget_set.forget,
@@ -196,49 +226,61 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     _reset_peak_memory(device)
     model_dir = d / "model"
     if (model_dir / "unlearn.json").is_file():  # unlearning finished before an interruption
-        model = load_sampler(model_dir)
+        with phases("load"):
+            model = load_sampler(model_dir)
         unlearn_s = json.loads((model_dir / "unlearn.json").read_text())["unlearn_s"]
     else:
         ctx = RunContext(run_dir=d, seed=spec.seed, preset=preset, dataset=dataset, forget_set=forget_set,
                          requires=method_cls.requires, runtime=runtime)  # fmt: skip
         teacher.unet.to(device)
         log.info("%s: unlearning %s with %s", spec.run_id, forget_set.name, spec.method)
-        model = method_cls(config).unlearn(teacher, forget_set, ctx)
+        with phases("unlearn_compute"):
+            model = method_cls(config).unlearn(teacher, forget_set, ctx)
+        phases.seconds["unlearn_compute"] -= ctx.service_s + ctx.probe_s
+        phases.seconds["unlearn_service"] += ctx.service_s
+        phases.seconds["probe"] += ctx.probe_s
         unlearn_s = ctx.elapsed()
-        tmp = d / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save(tmp)
-        store.write_json(tmp / "unlearn.json", {"unlearn_s": unlearn_s})
-        shutil.rmtree(model_dir, ignore_errors=True)
-        tmp.rename(model_dir)
-        shutil.rmtree(d / "state", ignore_errors=True)
+        with phases("write"):
+            tmp = d / "model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save(tmp)
+            store.write_json(tmp / "unlearn.json", {"unlearn_s": unlearn_s})
+            shutil.rmtree(model_dir, ignore_errors=True)
+            tmp.rename(model_dir)
+            shutil.rmtree(d / "state", ignore_errors=True)
 
     labels, seeds = eval_grid(dataset.num_classes, preset.eval_per_class, spec.seed)
     t0 = time.perf_counter()
-    images = model.sample(labels, seeds, steps=preset.sampler_steps, guidance=preset.guidance, eta=preset.eta,
-                          device=device, amp=runtime.amp)  # fmt: skip
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    with phases("sample"):
+        images = model.sample(labels, seeds, steps=preset.sampler_steps, guidance=preset.guidance, eta=preset.eta,
+                              device=device, amp=runtime.amp)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     sample_s = time.perf_counter() - t0
     samples = SampleSet(images=images, labels=labels, nfe=model.nfe(steps=preset.sampler_steps, guidance=preset.guidance),
                         sample_s=sample_s, unlearn_s=unlearn_s, peak_mem_mb=_peak_memory_mb(device))  # fmt: skip
     grid = images.view(dataset.num_classes, preset.eval_per_class, *images.shape[1:])[:, :GRID_PER_CLASS]
-    save_file(
-        {"images": ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).contiguous()},
-        d / "samples.safetensors",
-    )
+    with phases("write"):
+        save_file(
+            {"images": ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).contiguous()},
+            d / "samples.safetensors",
+        )
 
     ectx = EvalContext(
         dataset=dataset, forget_set=forget_set, judge=judge, device=device, options=dict(spec.options)
     )
     rows = []
     for ev in evaluators:
-        for metric, value, n in ev(samples, ectx):
+        with phases("evaluate"):
+            measured = ev(samples, ectx)
+        for metric, value, n in measured:
             rows.append({"run_id": spec.run_id, "method": spec.method, "dataset": spec.dataset,
                          "forget_set": spec.forget_set, "seed": spec.seed, "evaluator": ev.name,
                          "metric": metric.name, "subset": metric.subset, "value": float(value), "n": int(n),
                          "higher_is_better": metric.higher_is_better, "unit": metric.unit, "preset": spec.preset,
                          "evaluator_version": ev.version, "method_version": method_cls.version})  # fmt: skip
-    store.write_metrics(d / "metrics.jsonl", rows)
+    with phases("write"):
+        store.write_metrics(d / "metrics.jsonl", rows)
+    store.write_json(d / "timings.json", phases.summary())
     store.mark_done(d)
     return d

@@ -159,7 +159,7 @@ def load_sampler(directory: Path) -> Sampler:
     except (OSError, ValueError, KeyError) as e:
         raise BenchError(f"cannot read model settings {settings_file}: {e!r}") from e
     try:
-        unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as e:
         raise BenchError(f"cannot load the UNet in {directory / 'unet'}: {e}") from e
     return cls(unet, **settings)

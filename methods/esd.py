@@ -169,6 +169,7 @@ class ESD(Method):
             opt.step()
             bar.update()
             ctx.log(step + 1, loss=loss.item(), t=t)
+            ctx.probe(step + 1, lambda: DiffusionModel(unet))
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step + 1})
         bar.close()

@@ -91,6 +91,7 @@ class Retrain(Method):
             ema.update(unet)
             bar.update()
             ctx.log(step + 1, loss=loss.item())
+            ctx.probe(step + 1, lambda: DiffusionModel(ema.model))
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                 "sched": sched.state_dict(), "step": step + 1})  # fmt: skip

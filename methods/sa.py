@@ -220,6 +220,7 @@ class SelectiveAmnesia(Method):
             bar.update()
             ctx.log(step + 1, loss=loss.item(), forget=loss_forget.item(), replay=loss_replay.item(),
                     ewc=cfg.lam * penalty.item())  # fmt: skip
+            ctx.probe(step + 1, lambda: DiffusionModel(ema.model))
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                 "step": step + 1})  # fmt: skip

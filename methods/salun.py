@@ -197,6 +197,7 @@ class SalUn(Method):
             opt.step()
             bar.update()
             ctx.log(step + 1, loss=loss.item(), forget=loss_forget.item(), retain=loss_retain.item())
+            ctx.probe(step + 1, lambda: DiffusionModel(unet))
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                                 "mask": {k: v.bool().cpu() for k, v in mask.items()}})  # fmt: skip

@@ -232,6 +232,7 @@ class SFD(Method):
 
             bar.update()
             ctx.log(step + 1, loss_fake=loss_fake, loss_generator=loss_gen)
+            ctx.probe(step + 1, lambda: OneStepGenerator(ema.model, t_init=cfg.t_init))
             if ctx.should_save(step + 1):
                 ctx.save_state({"fake": fake.state_dict(), "generator": gen.unet.state_dict(),
                                 "ema": ema.state_dict(), "opt_fake": opt_fake.state_dict(),

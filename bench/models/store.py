@@ -205,7 +205,7 @@ def load_external_teacher(
     unet_dir = check_external_teacher(path, dataset=dataset, image_size=image_size, channels=channels,
                                       num_classes=num_classes)  # fmt: skip
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as e:
         raise BenchError(f"--teacher {path}: cannot load the UNet in {unet_dir}: {e}") from e
     unet.register_to_config(sample_size=image_size)  # a square [s, s] becomes s, as the samplers expect
