@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from bench.errors import BenchError, unknown
@@ -286,10 +287,16 @@ def cmd_perf(args) -> None:
     for name in args.names or list(BENCHMARKS):
         if name not in BENCHMARKS:
             raise unknown("benchmark", name, BENCHMARKS)
+    from benchmarks.common import write_summary
+
     device = Runtime(device=args.device).torch_device
+    tables, t0 = {}, time.perf_counter()
     for name in args.names or list(BENCHMARKS):
         print(f"== {name}")
-        importlib.import_module(BENCHMARKS[name]).run(device, amp=args.amp)
+        module = importlib.import_module(BENCHMARKS[name])
+        tables[name] = module.table(module.run(device, amp=args.amp))
+    path = write_summary(tables, argv=sys.argv[1:], seconds=time.perf_counter() - t0)
+    print(f"== all tables: {path}")
 
 
 def cmd_report(args) -> None:

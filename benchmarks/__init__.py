@@ -3,5 +3,7 @@
 BENCHMARKS = {
     "limits": "benchmarks.limits",
     "sampling": "benchmarks.sampling",
+    "evaluation": "benchmarks.evaluation",
     "paper_scale": "benchmarks.paper_scale",
+    "time_to_forget": "benchmarks.time_to_forget",
 }

@@ -109,13 +109,29 @@ def write(name: str, figures: dict, out: Path = OUT) -> Path:
 
 
 def markdown(headers: list[str], rows: list[list]) -> str:
-    """A Markdown table (numbers right-aligned), the form the benchmarks print and the README quotes."""
+    """A Markdown table (first column left, figures right), the form the benchmarks print and the README quotes."""
 
     def cell(v) -> str:
         if isinstance(v, float):
             return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
         return "–" if v is None else str(v)
 
-    align = ["--:" if rows and isinstance(rows[0][i], int | float) else ":--" for i in range(len(headers))]
+    align = [":--"] + ["--:"] * (len(headers) - 1)  # names left, figures right
     lines = [headers, align, *[[cell(v) for v in r] for r in rows]]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def write_summary(tables: dict[str, str], *, argv: list[str], seconds: float, out: Path = OUT) -> Path:
+    """performance.md: every table of one `bench perf` invocation, with the command and the machine."""
+    import os
+
+    head = (
+        f"`python -m bench {' '.join(argv)}` on {platform.machine()} with {os.cpu_count()} CPUs "
+        f"({torch.get_num_threads()} torch threads), torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}: "
+        f"{seconds / 60:.1f} min in all."
+    )
+    body = "\n\n".join(f"### {name}\n\n{table}" for name, table in tables.items())
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "performance.md"
+    path.write_text(f"{head}\n\n{body}\n")
+    return path

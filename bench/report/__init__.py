@@ -58,9 +58,10 @@ def run_dirs(results: Path) -> dict[str, Path]:
     return {p.parent.name: p.parent for p in Path(results).rglob("metrics.jsonl")}
 
 
-def read_time_to_forget(path: Path) -> pd.DataFrame | None:
+def read_time_to_forget(path: Path) -> tuple[pd.DataFrame, dict | None] | None:
     """The time-to-forget benchmark's points: a JSON list of {method, seconds, accuracy_forget, fd_judge}
-    records, or an object holding that list under "points"; anything else is skipped with a warning."""
+    records, or an object holding that list under "points" (and the teacher's figures under "reference"), with
+    that reference; anything else is skipped with a warning."""
     from bench.report.plots import TIME_TO_FORGET_COLUMNS
 
     try:
@@ -76,7 +77,8 @@ def read_time_to_forget(path: Path) -> pd.DataFrame | None:
     if missing := [c for c in TIME_TO_FORGET_COLUMNS if c not in points.columns]:
         log.warning("skipping %s: its points lack %s", path, ", ".join(missing))
         return None
-    return points
+    reference = data.get("reference") if isinstance(data, dict) else None
+    return points, reference if isinstance(reference, dict) else None
 
 
 def make_report(results: Path, out: Path | None = None, *, strict: bool = False) -> Report:
@@ -90,7 +92,9 @@ def make_report(results: Path, out: Path | None = None, *, strict: bool = False)
     paths += plots.write_figures(df, out, run_dirs(results))
     # Issue 8's benchmark writes results/benchmarks/; a sweep folder is results/<sweep>, so look beside it too.
     for candidate in (results / TIME_TO_FORGET, results.parent / TIME_TO_FORGET):
-        if candidate.is_file() and (points := read_time_to_forget(candidate)) is not None:
-            paths += plots.save(plots.time_to_forget_figure(points), out, "time_to_forget")
+        if candidate.is_file() and (found := read_time_to_forget(candidate)) is not None:
+            points, reference = found
+            figure = plots.time_to_forget_figure(points, reference=reference)
+            paths += plots.save(figure, out, "time_to_forget")
             break
     return Report(markdown, paths)

@@ -251,8 +251,11 @@ def sample_grid_figure(grids: dict[str, np.ndarray], *, class_names: list[str], 
 TIME_TO_FORGET_COLUMNS = ("method", "seconds", "accuracy_forget", "fd_judge")
 
 
-def time_to_forget_figure(points: pd.DataFrame, title: str = "Time to forget") -> Figure:
-    """Forget accuracy (%) and fd_judge against wall-clock seconds, one line per method."""
+def time_to_forget_figure(
+    points: pd.DataFrame, title: str = "Time to forget", reference: dict | None = None
+) -> Figure:
+    """Forget accuracy (%) and fd_judge against wall-clock seconds, one line per method; `reference` (the
+    teacher's accuracy_forget and fd_judge on the same grid) is drawn as a dashed line."""
     missing = [c for c in TIME_TO_FORGET_COLUMNS if c not in points.columns]
     if missing:
         raise BenchError(f"time-to-forget points need columns {', '.join(TIME_TO_FORGET_COLUMNS)}; "
@@ -268,6 +271,10 @@ def time_to_forget_figure(points: pd.DataFrame, title: str = "Time to forget") -
         style = {"color": color, "marker": marker, "markersize": 5, "linewidth": 1.5, "label": label}
         ax_acc.plot(rows["seconds"], rows["accuracy_forget"] * 100, **style)
         ax_fd.plot(rows["seconds"], rows["fd_judge"], **style)
+    if reference:
+        style = {"color": "0.4", "linestyle": "--", "linewidth": 1, "label": "teacher (before unlearning)"}
+        ax_acc.axhline(reference["accuracy_forget"] * 100, **style)
+        ax_fd.axhline(reference["fd_judge"], **style)
     if _log_if_wide(points["seconds"]):
         ax_acc.set_xscale("log")
     ax_acc.set_ylabel("forget accuracy, % (lower is better)")

@@ -1,0 +1,116 @@
+"""Time to forget: forget accuracy and fd_judge against unlearning wall-clock, for each method at the default
+preset, with the peak memory and the harness's own share of each run's wall-clock.
+
+Each method runs as a complete default run (the runner's `execute`, into results/benchmarks/runs/) whose probe,
+every 1/`probes` of the method's iterations, samples a small fixed grid (`forget_per_class` images of the forgotten
+class, `retain_per_class` of each retained one; the same seeds for every method and probe) with the run's sampler
+and scores it with the run's evaluators. Probe time is not unlearning time. The runner's timings.json of the same
+runs gives the share of wall-clock outside model compute (loading, writing, bookkeeping), and its peak resident
+memory (reset at the start of each run, so it includes the loaded models and the evaluation grid's sampling) the
+memory figure. `bench report` plots the curves from time_to_forget.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bench import store
+from bench.api import EvalContext, SampleSet
+from bench.config import RunSpec, resolve_config
+from bench.context import Runtime
+from bench.data import make_dataset
+from bench.presets import get_preset
+from bench.registry import METHODS
+from bench.runner import execute, load_models
+from benchmarks.common import OUT, markdown, write
+from evaluators.fid import FID
+from evaluators.forget_accuracy import ForgetAccuracy
+
+METHODS_TIMED = ("sfd", "finetune", "esd", "esd-new", "sa", "salun")  # every unlearning method but the oracle
+DATASET, FORGET_SET = "fashion-mnist", "class-0"
+
+
+def run(device: torch.device, *, amp: bool = False, methods: tuple[str, ...] = METHODS_TIMED, preset: str = "default",
+        probes: int = 6, forget_per_class: int = 30, retain_per_class: int = 10, out: Path = OUT) -> dict:  # fmt: skip
+    p = get_preset(preset)
+    dataset = make_dataset(DATASET, image_size=p.image_size)
+    forget_set = dataset.forget_set(FORGET_SET)
+    teacher, judge, _ = load_models(dataset, p, device=device)
+    per_class = [
+        forget_per_class if c in forget_set.forget else retain_per_class for c in range(dataset.num_classes)
+    ]
+    labels = torch.arange(dataset.num_classes).repeat_interleave(torch.tensor(per_class))
+    seeds = [7_000_003 + i for i in range(len(labels))]  # not the evaluation grid's seeds
+    ectx = EvalContext(dataset=dataset, forget_set=forget_set, judge=judge, device=device)
+
+    def score(sampler) -> dict[str, float]:
+        images = sampler.sample(labels, seeds, steps=p.sampler_steps, guidance=p.guidance, eta=p.eta, device=device,
+                                amp=amp)  # fmt: skip
+        samples = SampleSet(images, labels, nfe=0, sample_s=0.0, unlearn_s=0.0, peak_mem_mb=0.0)
+        rows = [*ForgetAccuracy()(samples, ectx), *FID()(samples, ectx)]
+        return {f"{m.name}_{m.subset}" if m.name == "accuracy" else m.name: v for m, v, _ in rows}
+
+    reference = score(teacher)
+    points, summary = [], []
+    for method in methods:
+        iterations = resolve_config(METHODS.get(method), preset, {}).iterations
+        curve: list[dict] = []
+
+        def probe(step, seconds, sampler, method=method, curve=curve):
+            curve.append({"method": method, "step": step, "seconds": seconds, **score(sampler)})
+
+        runtime = Runtime(device=str(device), amp=amp, probe=probe, probe_every=max(1, iterations // probes))
+        spec = RunSpec(method=method, dataset=DATASET, forget_set=FORGET_SET, seed=0, preset=preset)
+        rss_before = _resident_mb()
+        d = execute(spec, out / "runs", runtime, force=True)
+        final = {(r["metric"], r["subset"]): r["value"] for r in store.read_metrics(d / "metrics.jsonl")}
+        timings = json.loads((d / "timings.json").read_text())
+        chance = 1 / dataset.num_classes
+        gone = next((c["seconds"] for c in curve if c["accuracy_forget"] <= chance), None)
+        points += curve
+        summary.append({
+            "method": method, "iterations": iterations, "unlearn_s": final[("unlearn_s", "all")],
+            "seconds_to_chance": gone, "accuracy_forget": final[("accuracy", "forget")],
+            "accuracy_retain": final[("accuracy", "retain")], "fd_judge": final[("fd_judge", "retain")],
+            "peak_mem_mb": final[("peak_mem_mb", "all")], "resident_before_mb": rss_before, "timings": timings,
+        })  # fmt: skip
+    total = sum(s["timings"]["total_s"] for s in summary)
+    overhead = sum(s["timings"]["overhead_s"] for s in summary)
+    figures = {
+        "device": str(device), "amp": amp, "preset": preset, "dataset": DATASET, "forget_set": FORGET_SET,
+        "probe_grid": {"forget_per_class": forget_per_class, "retain_per_class": retain_per_class, "probes": probes},
+        "reference": {"method": "original", **reference}, "points": points, "runs": summary,
+        "overhead_fraction": overhead / total, "runs_total_s": total,
+    }  # fmt: skip
+    path = write("time_to_forget", figures, out)
+    print(table(figures))
+    print(f"written to {path}")
+    return figures
+
+
+def _resident_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def table(figures: dict) -> str:
+    headers = ["method", "iterations", "unlearn s", "s to chance", "forget acc. %", "retain acc. %", "fd_judge",
+               "peak MiB", "harness overhead"]  # fmt: skip
+    rows = [[s["method"], s["iterations"], s["unlearn_s"], s["seconds_to_chance"], 100 * s["accuracy_forget"],
+             100 * s["accuracy_retain"], s["fd_judge"], s["peak_mem_mb"],
+             f"{100 * s['timings']['overhead_fraction']:.1f}%"] for s in figures["runs"]]  # fmt: skip
+    ref = figures["reference"]
+    return (
+        markdown(headers, rows)
+        + f"\n\nteacher on the probe grid: forget accuracy {100 * ref['accuracy_forget']:.0f}%, fd_judge "
+        f"{ref['fd_judge']:.2f}; harness overhead over all runs: {100 * figures['overhead_fraction']:.1f}% of "
+        f"{figures['runs_total_s']:,.0f} s"
+    )
