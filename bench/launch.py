@@ -105,8 +105,10 @@ class RunJob(submitit.helpers.Checkpointable):
         for key, value in env.items():  # for clusters that do not export the submitting shell's environment
             os.environ.setdefault(key, value)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus and "OMP_NUM_THREADS" not in os.environ:  # torch would otherwise use every core of the node
+        # torch would otherwise use every core of the node (SLURM) or of the machine (local workers side by side,
+        # where oversubscribed OpenMP threads slow every run down many times).
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("BENCH_THREADS")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:
             import torch
 
             torch.set_num_threads(int(cpus))
@@ -329,7 +331,9 @@ def _run_inline(specs: list[RunSpec], results: Path, runtime: Runtime) -> dict[s
 def _run_local(specs, results, runtime, folder, workers, poll_s):
     ex = submitit.LocalExecutor(folder=folder)
     ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
-    env, queue, running, job_ids = _job_env(), list(specs), {}, []
+    # The machine's cores shared among the workers (BENCH_THREADS, read by RunJob; OMP_NUM_THREADS wins).
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    env, queue, running, job_ids = {**_job_env(), "BENCH_THREADS": threads}, list(specs), {}, []
     bar = tqdm(total=len(specs), desc="runs", unit="run", disable=None)
     try:
         while queue or running:

@@ -1,5 +1,6 @@
 """ESD, SA, SalUn and Retrain: their losses against a direct computation, and the contract every method keeps."""
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -264,9 +265,11 @@ def test_retrain_never_sees_the_forgotten_class(tmp_path, fmnist_dir, monkeypatc
 ALL = METHODS.names()
 
 
-def _run(name, tmp, data_dir, *, seed=0, checkpoint_every=2, kill_after=None):
+def _run(name, tmp, data_dir, *, seed=0, checkpoint_every=2, kill_after=None, probe=None):
     cls = METHODS.get(name)
     ctx = tiny_context(tmp, data_dir, requires=cls.requires, seed=seed, checkpoint_every=checkpoint_every)
+    if probe:
+        ctx.runtime = dataclasses.replace(ctx.runtime, probe=probe, probe_every=1)
     if kill_after:
         kill_after_saves(ctx, kill_after)
     return cls(resolve_config(cls, "smoke", {})).unlearn(tiny_teacher(), ctx.forget_set, ctx)
@@ -276,7 +279,8 @@ def _run(name, tmp, data_dir, *, seed=0, checkpoint_every=2, kill_after=None):
 def test_contract(name, tmp_path, fmnist_dir, monkeypatch):
     """A few smoke steps on a tiny teacher: the weights change (except `original`), a run killed after a state
     dump resumes to the very weights of an uninterrupted run with the same seed (so it is also deterministic),
-    another seed differs, the model saves, reloads and samples identically, and a data-free method reads no image."""
+    another seed differs, the model saves, reloads and samples identically, a data-free method reads no image, and
+    a probe that samples the model after every step sees the current model and changes nothing."""
     monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "store"))
     if not METHODS.get(name).requires:
 
@@ -299,6 +303,22 @@ def test_contract(name, tmp_path, fmnist_dir, monkeypatch):
     assert same_weights(full.unet, resumed.unet)
     if name != "original":
         assert not same_weights(full.unet, _run(name, tmp_path / "seed1", data, seed=1).unet)
+
+    seen = []
+
+    def probe(step, seconds, sampler):
+        sampler.sample(torch.tensor([0, 1]), [3, 4], steps=2, guidance=2.0)
+        seen.append((step, seconds, {k: v.clone() for k, v in sampler.unet.state_dict().items()}))
+
+    probed = _run(name, tmp_path / "probed", data, checkpoint_every=1, probe=probe)
+    assert same_weights(full.unet, probed.unet)
+    if name != "original":
+        config = resolve_config(METHODS.get(name), "smoke", {})
+        steps = config.steps if name == "retrain" else config.iterations
+        assert [s for s, _, _ in seen] == list(range(1, steps + 1))
+        assert all(a < b for (_, a, _), (_, b, _) in zip(seen, seen[1:]))
+        last = seen[-1][2]
+        assert all(torch.equal(last[k], v) for k, v in full.unet.state_dict().items())
 
     full.save(tmp_path / "saved")
     again = load_sampler(tmp_path / "saved")

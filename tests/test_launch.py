@@ -210,3 +210,21 @@ def test_local_launcher_runs_jobs_in_processes_and_keeps_failures(tmp_path):
     assert job["launcher"] == "local" and os.path.exists(job["stderr"])
     attempt = json.loads((d / launch.ATTEMPTS).read_text())
     assert attempt["pid"] != os.getpid() and attempt["job_id"] == job["job_id"]
+
+
+def test_run_job_shares_the_cores_among_local_workers(tmp_path, monkeypatch):
+    # Local workers side by side would each start as many OpenMP threads as the machine has cores; the launcher
+    # gives each its share (BENCH_THREADS), which RunJob applies unless the user set OMP_NUM_THREADS.
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setenv("BENCH_THREADS", "1")
+    seen = []
+    monkeypatch.setattr(launch, "run_one", lambda *a, **k: seen.append(torch.get_num_threads()) or "done")
+    before = torch.get_num_threads()
+    try:
+        launch.RunJob()(spec(0), str(tmp_path), Runtime(progress=False), {})
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
