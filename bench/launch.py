@@ -244,10 +244,14 @@ class Plan:
 
 def plan(specs: list[RunSpec], results: Path, *, force: bool = False) -> Plan:
     """What to launch: runs never started, failed or incomplete (and with force, finished ones too)."""
+    from bench import runner
+
     states = run_states(results, [s.run_id for s in specs])
     out = Plan([], [], [])
     for s in specs:
         st = states[s.run_id].state
+        if not force:
+            runner.check_config(s, store.run_dir(results, s.run_id))
         if st in ("pending", "running"):
             out.active.append(s)
         elif st == "done" and not force:

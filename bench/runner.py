@@ -188,13 +188,23 @@ def eval_grid(num_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor
     return labels, seeds
 
 
-def plan(spec: RunSpec, results: Path, *, force: bool) -> bool:
-    """True when the run must execute; a finished run is checked (its metrics must parse) and skipped."""
-    d = store.run_dir(results, spec.run_id)
-    if force or not store.is_done(d):
-        return True
-    store.read_metrics(d / "metrics.jsonl")
-    return False
+def check_config(spec: RunSpec, d: Path) -> None:
+    """Refuse a run folder made with another config than the code now resolves for its spec (a preset's scaling
+    or a paper default changed since): its figures would not be what the spec means today, and resuming it
+    would mix two configs. The run id hashes the spec, not the resolved config, so this is where it shows."""
+    try:
+        saved = json.loads((d / "spec.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return  # no config recorded yet: nothing ran
+    config = resolve_config(METHODS.get(spec.method), spec.preset, dict(spec.overrides))
+    now = json.loads(json.dumps(vars(config), default=str))
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise BenchError(
+            f"run {spec.run_id} in {d.parent} was made with another {spec.method} config than this code resolves "
+            f"for preset {spec.preset} ({diff}): rerun it with --force (replaces it) or use another --results folder"
+        )
 
 
 def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = False) -> Path:
@@ -202,6 +212,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     d = store.run_dir(results, spec.run_id)
     if force and d.exists():
         shutil.rmtree(d)
+    check_config(spec, d)
     if store.is_done(d):
         return d
     phases = Phases()

@@ -21,7 +21,7 @@ from benchmarks.common import markdown, shipped, timed, write
 from evaluators.fid import frechet_distance, hub_inception_file, inception_features, load_inception
 
 
-def run(device: torch.device, *, amp: bool = False, inception_images: int = 64) -> dict:
+def run(device: torch.device, *, amp: bool = False, inception_images: int = 32) -> dict:
     preset = get_preset("default")
     _, judge = shipped()
     dataset = make_dataset("fashion-mnist", image_size=preset.image_size)

@@ -61,7 +61,7 @@ class ProbeGrid:
 
 
 def run(device: torch.device, *, amp: bool = False, methods: tuple[str, ...] = METHODS_TIMED, preset: str = "default",
-        probes: int = 6, forget_per_class: int = 30, retain_per_class: int = 10, out: Path = OUT) -> dict:  # fmt: skip
+        probes: int = 5, forget_per_class: int = 24, retain_per_class: int = 8, out: Path = OUT) -> dict:  # fmt: skip
     grid = (preset, device, amp, forget_per_class, retain_per_class)
     here = ProbeGrid(*grid)
     reference = here.score(here.teacher)

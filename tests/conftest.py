@@ -39,3 +39,23 @@ def fmnist_dir(tmp_path_factory) -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """CIFAR-10 and CelebA fixtures written in their real on-disk formats (tests/fixtures_real.py)."""
+    from tests.fixtures_real import write_celeba, write_cifar10
+
+    d = tmp_path_factory.mktemp("real")
+    write_cifar10(d)
+    write_celeba(d)
+    return d
+
+
+@pytest.fixture
+def isolated_stores(tmp_path, monkeypatch):
+    """Models, caches and the torch hub in this test's folder; no BENCH_DATA_DIR from the environment."""
+    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("BENCH_DATA_DIR", raising=False)

@@ -1,6 +1,8 @@
 """ESD, SA, SalUn and Retrain: their losses against a direct computation, and the contract every method keeps."""
 
 import dataclasses
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -316,7 +318,7 @@ def test_contract(name, tmp_path, fmnist_dir, monkeypatch):
         config = resolve_config(METHODS.get(name), "smoke", {})
         steps = config.steps if name == "retrain" else config.iterations
         assert [s for s, _, _ in seen] == list(range(1, steps + 1))
-        assert all(a < b for (_, a, _), (_, b, _) in zip(seen, seen[1:]))
+        assert all(a < b for (_, a, _), (_, b, _) in itertools.pairwise(seen))
         last = seen[-1][2]
         assert all(torch.equal(last[k], v) for k, v in full.unet.state_dict().items())
 

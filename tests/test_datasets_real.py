@@ -21,22 +21,7 @@ from bench.models import store as model_store
 from bench.presets import get_preset
 from tests.fixtures_real import CELEBA_ROWS, py2_pickle, write_celeba, write_cifar10, write_imagefolder
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("real")
-    write_cifar10(d)
-    write_celeba(d)
-    return d
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Models, caches and the torch hub in this test's folder; no BENCH_DATA_DIR from the environment."""
-    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_stores")
 
 
 def copy_of(src, tmp_path):

@@ -75,3 +75,22 @@ def test_killed_unlearning_resumes_from_its_state_dump(tmp_path, fmnist_dir, mon
     b = (resumed / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert saves == [2, 4] and a == b
     assert not (resumed / "state").exists()  # the state dump is dropped once the model is saved
+
+
+def test_a_run_made_with_another_config_is_refused_not_reused(fmnist_dir, tmp_path, monkeypatch):
+    """The run id hashes the spec; when the code's preset scaling changes, old results must not pass for new."""
+    from bench import launch
+    from bench.errors import BenchError
+    from methods.esd import ESDNew
+
+    runtime = Runtime(data_dir=fmnist_dir.parent, progress=False)
+    spec = RunSpec(method="esd-new", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke")
+    d = execute(spec, tmp_path, runtime)
+    before = (d / "metrics.jsonl").read_bytes()
+    smoke = ESDNew.scaled["smoke"]
+    monkeypatch.setitem(ESDNew.scaled, "smoke", type(smoke)({**smoke.overrides, "iterations": 4}, smoke.why))
+    for attempt in (lambda: launch.plan([spec], tmp_path), lambda: execute(spec, tmp_path, runtime)):
+        with pytest.raises(BenchError, match=r"iterations 3 -> 4.*--force"):
+            attempt()
+    assert (d / "metrics.jsonl").read_bytes() == before  # nothing lost
+    assert launch.plan([spec], tmp_path, force=True).todo == [spec]

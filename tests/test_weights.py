@@ -22,8 +22,6 @@ from evaluators import fid as fid_module
 from evaluators.clip_score import check_clip_dir, clip_score, load_clip
 from evaluators.fid import FID, frechet_from_features, load_inception
 from tests.fixtures_real import (
-    write_celeba,
-    write_cifar10,
     write_external_teacher,
     write_inception,
     write_tiny_clip,
@@ -40,20 +38,7 @@ def clip_dir(tmp_path_factory):
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("real")
-    write_cifar10(d)
-    write_celeba(d)
-    return d
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_stores")
 
 
 # ---------------------------------------------------------------------------------------------------------------
