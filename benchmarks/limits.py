@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from bench.config import resolve_config
 from bench.data import make_dataset
 from bench.presets import get_preset
+from bench.registry import METHODS
 from bench.sampling import autocast
 from bench.training import ddpm_loss
 from benchmarks.common import (
@@ -67,7 +69,7 @@ def run(device: torch.device, *, amp: bool = False, sample_batch: int = 250, tra
         rows.append(_row(name, unit, n, flops, seconds, peak))
     teacher.unet.to("cpu")
 
-    # SFD's own loop at the default preset: per iteration, batch 16 retained + 16 forgotten.
+    # SFD's own loop at the default preset (a batch of retained and one of forgotten classes per iteration).
     dataset = make_dataset(
         "fashion-mnist", image_size=preset.image_size
     )  # no image is read: SFD is data-free
@@ -77,7 +79,8 @@ def run(device: torch.device, *, amp: bool = False, sample_batch: int = 250, tra
     per_step = iteration_seconds("sfd", teacher, dataset, forget_set, iterations=sfd_iterations, device=device,
                                  amp=amp, **common)[1:]  # fmt: skip  # the first includes the set-up
     seconds = sorted(per_step)[len(per_step) // 2]
-    rows.append(_row("SFD iteration (default preset, batch 16+16)", "iteration", 1, flops, seconds, peak))
+    n = resolve_config(METHODS.get("sfd"), "default", {}).batch_size
+    rows.append(_row("SFD iteration (default preset)", "iteration", f"{n}+{n}", flops, seconds, peak))
 
     figures = {"device": str(device), "amp": amp, "matmul_peak_gflop_per_s": peak / 1e9, "rows": rows}
     path = write("limits", figures)
@@ -86,7 +89,7 @@ def run(device: torch.device, *, amp: bool = False, sample_batch: int = 250, tra
     return figures
 
 
-def _row(name: str, unit: str, batch: int, flops: float, seconds: float, peak: float) -> dict:
+def _row(name: str, unit: str, batch: int | str, flops: float, seconds: float, peak: float) -> dict:
     return {"name": name, "unit": unit, "batch": batch, "gflop_per_unit": flops / 1e9, "units_per_s": 1 / seconds,
             "gflop_per_s": flops / seconds / 1e9, "fraction_of_peak": flops / seconds / peak}  # fmt: skip
 
