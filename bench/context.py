@@ -107,6 +107,8 @@ class RunContext:
         every = self.runtime.probe_every
         if self.runtime.probe is None or every <= 0 or step % every:
             return
+        if self.device.type == "cuda":  # the clock must include the work queued on the GPU
+            torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         sampler = model()
         training = sampler.unet.training

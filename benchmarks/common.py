@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 import time
@@ -77,7 +78,6 @@ def iteration_seconds(method: str, teacher, dataset, forget_set, *, preset: str,
     clock: list[float] = []
 
     def probe(step, seconds, sampler):
-        sync(device)
         clock.append(seconds)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,8 +123,6 @@ def markdown(headers: list[str], rows: list[list]) -> str:
 
 def write_summary(tables: dict[str, str], *, argv: list[str], seconds: float, out: Path = OUT) -> Path:
     """performance.md: every table of one `bench perf` invocation, with the command and the machine."""
-    import os
-
     head = (
         f"`python -m bench {' '.join(argv)}` on {platform.machine()} with {os.cpu_count()} CPUs "
         f"({torch.get_num_threads()} torch threads), torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}: "

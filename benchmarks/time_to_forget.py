@@ -26,7 +26,7 @@ from bench.context import Runtime
 from bench.data import make_dataset
 from bench.presets import get_preset
 from bench.registry import METHODS
-from bench.runner import execute, load_models
+from bench.runner import execute, load_models, process_memory_mb
 from benchmarks.common import OUT, markdown, write
 from evaluators.fid import FID
 from evaluators.forget_accuracy import ForgetAccuracy
@@ -99,7 +99,7 @@ def _timed_run(method: str, grid: tuple, probes: int, out: Path) -> tuple[list[d
 
     runtime = Runtime(device=str(device), amp=grid.amp, probe=probe, probe_every=max(1, iterations // probes))
     spec = RunSpec(method=method, dataset=DATASET, forget_set=FORGET_SET, seed=0, preset=preset)
-    rss_before = _resident_mb()
+    rss_before = process_memory_mb("VmRSS")
     d = execute(spec, out, runtime, force=True)
     final = {(r["metric"], r["subset"]): r["value"] for r in store.read_metrics(d / "metrics.jsonl")}
     chance = 1 / grid.ectx.dataset.num_classes
@@ -111,16 +111,6 @@ def _timed_run(method: str, grid: tuple, probes: int, out: Path) -> tuple[list[d
         "peak_mem_mb": final[("peak_mem_mb", "all")], "resident_before_mb": rss_before,
         "timings": json.loads((d / "timings.json").read_text()),
     }  # fmt: skip
-
-
-def _resident_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def table(figures: dict) -> str:
