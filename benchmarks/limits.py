@@ -7,6 +7,8 @@ bf16 matmul's).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from bench.config import resolve_config
@@ -50,10 +52,11 @@ def run(device: torch.device, *, amp: bool = False, sample_batch: int = 250, tra
             return judge(x)
 
     x0, y0 = x[:train_batch].cpu(), y[:train_batch].cpu()
-    opt = torch.optim.Adam(unet.parameters(), lr=1e-12)  # the weights hardly move: the step is only timed
+    trainee = copy.deepcopy(unet)  # the teacher itself stays as shipped for the SFD measurement below
+    opt = torch.optim.Adam(trainee.parameters(), lr=preset.teacher.lr)
 
     def train_step():
-        loss = ddpm_loss(unet.train(), x0, y0, g, device=device, amp=amp)
+        loss = ddpm_loss(trainee.train(), x0, y0, g, device=device, amp=amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -69,10 +72,9 @@ def run(device: torch.device, *, amp: bool = False, sample_batch: int = 250, tra
         rows.append(_row(name, unit, n, flops, seconds, peak))
     teacher.unet.to("cpu")
 
-    # SFD's own loop at the default preset (a batch of retained and one of forgotten classes per iteration).
-    dataset = make_dataset(
-        "fashion-mnist", image_size=preset.image_size
-    )  # no image is read: SFD is data-free
+    # SFD's own loop at the default preset (a batch of retained and one of forgotten classes per iteration);
+    # the dataset only names the classes: SFD reads no image.
+    dataset = make_dataset("fashion-mnist", image_size=preset.image_size)
     forget_set = dataset.forget_set("class-0")
     common = {"preset": "default", "overrides": {}}
     flops = iteration_flops("sfd", teacher, dataset, forget_set, device=device, **common)

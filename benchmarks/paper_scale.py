@@ -33,8 +33,8 @@ def run(device: torch.device, *, amp: bool = False, batch_sizes: tuple[int, ...]
     dataset = make_dataset("cifar10", image_size=32)  # only its class list: no image is read
     forget_set = dataset.forget_set("class-0")
     common = {"preset": "paper", "device": device}
-    flops_per_image = (
-        iteration_flops("sfd", teacher, dataset, forget_set, overrides={"batch_size": 1}, **common) / 1
+    flops_per_image = iteration_flops(
+        "sfd", teacher, dataset, forget_set, overrides={"batch_size": 1}, **common
     )
     rows = []
     for b in batch_sizes:
