@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _runtime_args(pre)
     perf = sub.add_parser("perf", help="performance benchmarks (JSON under results/benchmarks/)")
-    perf.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    from benchmarks import BENCHMARKS
+
+    perf.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
     perf.add_argument("--device", default="cpu")
     perf.add_argument("--amp", action="store_true", help="bf16 autocast")
     return parser
