@@ -108,6 +108,14 @@ def write(name: str, figures: dict, out: Path = OUT) -> Path:
     return path
 
 
+def publish(name: str, figures: dict, table: Callable[[dict], str], out: Path = OUT) -> dict:
+    """Write a benchmark's figures as JSON and print its table."""
+    path = write(name, figures, out)
+    print(table(figures))
+    print(f"written to {path}")
+    return figures
+
+
 def markdown(headers: list[str], rows: list[list]) -> str:
     """A Markdown table (first column left, figures right), the form the benchmarks print and the README quotes."""
 

@@ -17,7 +17,7 @@ import torch
 from bench.data import make_dataset
 from bench.models.judge import judge_probs
 from bench.presets import get_preset
-from benchmarks.common import markdown, shipped, timed, write
+from benchmarks.common import markdown, publish, shipped, timed
 from evaluators.fid import frechet_distance, hub_inception_file, inception_features, load_inception
 
 
@@ -58,10 +58,7 @@ def run(device: torch.device, *, amp: bool = False, inception_images: int = 32) 
         # fid_inception on a default run: the generated images each run, the real test split once (cached).
         "fid_inception_run_s": len(fake) / inception, "fid_inception_reference_s": len(x) / inception,
     }  # fmt: skip
-    path = write("evaluation", figures)
-    print(table(figures))
-    print(f"written to {path}")
-    return figures
+    return publish("evaluation", figures, table)
 
 
 def _random_inception(path: Path) -> Path:

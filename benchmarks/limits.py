@@ -23,9 +23,9 @@ from benchmarks.common import (
     iteration_seconds,
     markdown,
     matmul_peak,
+    publish,
     shipped,
     timed,
-    write,
 )
 
 
@@ -85,10 +85,7 @@ def run(device: torch.device, *, amp: bool = False, sample_batch: int = 250, tra
     rows.append(_row("SFD iteration (default preset)", "iteration", f"{n}+{n}", flops, seconds, peak))
 
     figures = {"device": str(device), "amp": amp, "matmul_peak_gflop_per_s": peak / 1e9, "rows": rows}
-    path = write("limits", figures)
-    print(table(figures))
-    print(f"written to {path}")
-    return figures
+    return publish("limits", figures, table)
 
 
 def _row(name: str, unit: str, batch: int | str, flops: float, seconds: float, peak: float) -> dict:

@@ -17,7 +17,7 @@ from bench.models.unet import build_unet
 from bench.presets import get_preset
 from bench.registry import METHODS
 from bench.sampling import DiffusionModel
-from benchmarks.common import iteration_flops, iteration_seconds, markdown, matmul_peak, write
+from benchmarks.common import iteration_flops, iteration_seconds, markdown, matmul_peak, publish
 
 
 def run(device: torch.device, *, amp: bool = False, batch_sizes: tuple[int, ...] | None = None,
@@ -56,10 +56,7 @@ def run(device: torch.device, *, amp: bool = False, batch_sizes: tuple[int, ...]
         "projected_hours": per_iteration * config.iterations / 3600,
         "fraction_of_peak": nearest["gflop_per_s"] * 1e9 / peak,
     }  # fmt: skip
-    path = write("paper_scale", figures)
-    print(table(figures))
-    print(f"written to {path}")
-    return figures
+    return publish("paper_scale", figures, table)
 
 
 def table(figures: dict) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from bench.presets import get_preset
 from bench.sampling import OneStepGenerator
-from benchmarks.common import markdown, shipped, timed, write
+from benchmarks.common import markdown, publish, shipped, timed
 
 
 def run(device: torch.device, *, batch_size: int = 32, amp: bool = False, ddpm_steps: int = 1000) -> dict:
@@ -40,10 +40,7 @@ def run(device: torch.device, *, batch_size: int = 32, amp: bool = False, ddpm_s
     for r in rows.values():
         r["one_step_speedup"] = base / r["images_per_s"]
     figures = {"device": str(device), "batch_size": batch_size, "amp": amp, "rows": rows}
-    path = write("sampling", figures)
-    print(table(figures))
-    print(f"written to {path}")
-    return figures
+    return publish("sampling", figures, table)
 
 
 def table(figures: dict) -> str:

@@ -27,7 +27,7 @@ from bench.data import make_dataset
 from bench.presets import get_preset
 from bench.registry import METHODS
 from bench.runner import execute, load_models, process_memory_mb
-from benchmarks.common import OUT, markdown, write
+from benchmarks.common import OUT, markdown, publish
 from evaluators.fid import FID
 from evaluators.forget_accuracy import ForgetAccuracy
 
@@ -81,10 +81,7 @@ def run(device: torch.device, *, amp: bool = False, methods: tuple[str, ...] = M
         "reference": {"method": "original", **reference}, "points": points, "runs": summary,
         "overhead_fraction": overhead / total, "runs_total_s": total,
     }  # fmt: skip
-    path = write("time_to_forget", figures, out)
-    print(table(figures))
-    print(f"written to {path}")
-    return figures
+    return publish("time_to_forget", figures, table, out)
 
 
 def _timed_run(method: str, grid: tuple, probes: int, out: Path) -> tuple[list[dict], dict]:
