@@ -38,11 +38,9 @@ def run(device: torch.device, *, amp: bool = False, inception_images: int = 32) 
     rows.append({"name": "fd_judge: real + generated features, distance", "images": len(real) + len(fake),
                  "seconds": seconds})  # fmt: skip
 
-    weights = hub_inception_file()
+    real_weights = hub_inception_file()
     with tempfile.TemporaryDirectory() as tmp:
-        if weights is None:
-            weights = _random_inception(Path(tmp) / "inception.pth")
-        net, _ = load_inception(weights)
+        net, _ = load_inception(real_weights or _random_inception(Path(tmp) / "inception.pth"))
         batch = fake[:inception_images]
         seconds = timed(
             lambda: inception_features(net, batch, device=device), device, min_seconds=0, min_repeats=2
@@ -54,7 +52,7 @@ def run(device: torch.device, *, amp: bool = False, inception_images: int = 32) 
         r["images_per_s"] = r["images"] / r["seconds"]
     inception = rows[-1]["images_per_s"]
     figures = {
-        "device": str(device), "rows": rows, "real_weights": weights == hub_inception_file(),
+        "device": str(device), "rows": rows, "real_weights": real_weights is not None,
         # fid_inception on a default run: the generated images each run, the real test split once (cached).
         "fid_inception_run_s": len(fake) / inception, "fid_inception_reference_s": len(x) / inception,
     }  # fmt: skip
