@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
@@ -98,6 +100,13 @@ class Dataset(ABC):
                 f"forget set {name!r}: class {bad[0]} does not exist (0..{self.num_classes - 1})"
             )
         retain = tuple(k for k in range(self.num_classes) if k not in forget)
+        if not retain:
+            raise BenchError(
+                f"forget set {name!r} forgets every class of {self.name}: none is left to retain"
+            )
+        name = (
+            f"class-{forget[0]}" if len(forget) == 1 else "classes-" + "-".join(map(str, forget))
+        )  # canonical
         # The default anchor is the next class after the first forgotten one that is not forgotten.
         anchor = next(
             k % self.num_classes
@@ -105,6 +114,24 @@ class Dataset(ABC):
             if k % self.num_classes not in forget
         )
         return ForgetSet(name, forget, retain, anchor)
+
+    def data_files(self) -> list[Path]:
+        """Every file the dataset reads, both splits (resolved now, so a missing one raises a BenchError)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its files")
+
+    def data_identity(self) -> dict[str, Any]:
+        """The data a run reads: its folder, and a digest of the files' names (below it) and sizes, which enters the
+        run id, so that runs on other data get other ids (recorded in spec.json, checked again by the runner)."""
+        files = sorted(Path(f).resolve() for f in self.data_files())
+        root = Path(os.path.commonpath(files)) if files else Path()
+        root = root.parent if root in files else root
+        h = hashlib.sha256()
+        total = 0
+        for f in files:
+            size = f.stat().st_size
+            total += size
+            h.update(f"{f.relative_to(root)}\0{size}\n".encode())
+        return {"root": str(root), "files": len(files), "bytes": total, "digest": h.hexdigest()[:16]}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -174,9 +201,38 @@ class Method(ABC):
         }
 
 
-def param(default, source: str):
-    """A Config field whose default carries where it comes from (paper section or official config)."""
-    return field(default=default, metadata={"source": source})
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric Config field, checked before any run starts (bench.config.validate_config)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # the bound itself is excluded
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+
+
+POSITIVE = Range(0, None, low_open=True)  # learning rates, batch sizes, iteration counts
+NON_NEGATIVE = Range(0)  # loss weights, clipping thresholds (0 = off where the method says so)
+FRACTION = Range(0, 1)  # probabilities and ratios
+DECAY = Range(0, 1, high_open=True)  # EMA decay and Adam betas: 1 would never move
+TIMESTEP = Range(0, 1000)  # DDPM timesteps of the T = 1000 schedule every teacher uses
+
+
+def param(default, source: str, valid: Range | tuple[str, ...] | None = None):
+    """A Config field whose default carries where it comes from (paper section or official config) and its valid
+    values: a Range for numbers (required: bench.config.validate_config checks it), choices for strings (None: the
+    method's validate() checks it)."""
+    return field(default=default, metadata={"source": source, "valid": valid})
 
 
 @dataclass

@@ -16,8 +16,39 @@ log = logging.getLogger("bench")
 DEFAULT_RESULTS = Path("results") / "default"
 
 
+SEEDS = range(-(2**31), 2**31)  # per-image seeds (runner.eval_grid) stay inside torch's 64-bit range
+
+
 def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """A comma-separated list, duplicates dropped; an empty one is an error, not "all" or "none"."""
+    items = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not items:
+        raise argparse.ArgumentTypeError(
+            "empty list: give at least one name (leave the flag out for the default)"
+        )
+    return items
+
+
+def _seeds(value: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected comma-separated integers, e.g. 0,1,2"
+        ) from None
+    if bad := [s for s in seeds if s not in SEEDS]:
+        raise argparse.ArgumentTypeError(f"seed {bad[0]} is out of range ({SEEDS.start} .. {SEEDS.stop - 1})")
+    return seeds
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number of at least 1")
+    return n
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--datasets", type=_csv, default=["fashion-mnist"],
                      help="comma-separated; imagefolder:PATH for a folder of labelled images")  # fmt: skip
     run.add_argument("--forget-sets", type=_csv, default=["class-0"])
-    run.add_argument("--seeds", type=lambda s: [int(v) for v in _csv(s)], default=[0])
+    run.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated integers (default: 0)")
     run.add_argument("--preset", default="default")
     run.add_argument("--evaluators", type=_csv, default=None, help="comma-separated (default: all)")
     run.add_argument("--launcher", default="inline", choices=["inline", "local", "slurm"],
@@ -51,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--wait", action="store_true", help="slurm: follow the jobs to the end (progress bar)")
     run.add_argument(
-        "--workers", type=int, default=2, help="parallel processes for --launcher local (default: 2)"
+        "--workers",
+        type=_positive_int,
+        default=2,
+        help="parallel processes for --launcher local (default: 2)",
     )
     run.add_argument(
         "--results", type=Path, default=DEFAULT_RESULTS, help=f"sweep folder (default: {DEFAULT_RESULTS})"
@@ -60,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.FIELD=VALUE",
                      help="a method setting, or slurm.KEY=VALUE to override the cluster preset")  # fmt: skip
-    run.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable state dumps")
+    run.add_argument(
+        "--checkpoint-every", type=_positive_int, default=50, help="steps between resumable state dumps"
+    )
     run.add_argument("--teacher", type=Path, default=None,
                      help="external diffusers class-conditional UNet2DModel folder (or pipeline folder) to unlearn")  # fmt: skip
     run.add_argument("--inception-weights", type=Path, default=None,
@@ -101,10 +137,12 @@ def cmd_ls(args) -> None:
     from bench.presets import PRESETS
     from bench.registry import DATASETS, EVALUATORS, METHODS
 
-    print("methods:")
+    reads = {frozenset(): "none", frozenset({"forget"}): "forget only", frozenset({"retain"}): "retained only",
+             frozenset({"forget", "retain"}): "forget and retained"}  # fmt: skip
+    print(f"methods:\n  {'name':<12} {'real data':<20} paper")
     for name in METHODS:
         cls = METHODS.get(name)
-        print(f"  {name:<12} {'(oracle) ' if cls.oracle else ''}{cls.paper}")
+        print(f"  {name:<12} {reads[frozenset(cls.requires)]:<20} {'(oracle) ' if cls.oracle else ''}{cls.paper}")
     print("datasets (forget sets):")
     for name in DATASETS:
         ds = DATASETS.get(name)()
@@ -148,11 +186,13 @@ def make_specs(args):
     specs = []
     for ds_name in map(canonical_name, args.datasets):
         ds = make_dataset(ds_name, data_dir=args.data_dir, image_size=preset.image_size)
+        data = ds.data_identity()["digest"]
         if teacher:  # checked against each dataset; it enters the runs' identity as an absolute path
             check_external_teacher(teacher, dataset=ds_name, image_size=ds.image_size, channels=ds.channels,
                                    num_classes=ds.num_classes)  # fmt: skip
-        for fs_name in args.forget_sets:
-            forget_set = ds.forget_set(fs_name)
+        # Aliases (class-00, classes-0-0) are the same forget set, so they get its name and its run id.
+        for forget_set in {fs.name: fs for fs in map(ds.forget_set, args.forget_sets)}.values():
+            fs_name = forget_set.name
             for m in methods:
                 # Fail on bad values before any run starts, so no earlier result is touched.
                 classes[m](resolve_config(classes[m], args.preset, sets.get(m, {}))).validate(forget_set)
@@ -160,7 +200,7 @@ def make_specs(args):
                     specs.append(RunSpec(method=m, dataset=ds_name, forget_set=fs_name, seed=seed, preset=args.preset,
                                          overrides=tuple(sorted(sets.get(m, {}).items())), evaluators=evaluators,
                                          teacher_path=str(teacher.expanduser().resolve()) if teacher else "",
-                                         options=options))  # fmt: skip
+                                         options=options, data=data))  # fmt: skip
         if not args.dry_run:
             ds.check()
     return specs
@@ -212,6 +252,8 @@ def cmd_run(args) -> None:
 
     cluster_sets = [s for s in args.sets if s.startswith("slurm.")]  # the cluster preset's, not a method's
     args.sets = [s for s in args.sets if not s.startswith("slurm.")]
+    if args.results.exists() and not args.results.is_dir():
+        raise BenchError(f"--results {args.results} is a file, not a sweep folder")
     specs = make_specs(args)
     plan = launch.plan(specs, args.results, force=args.force)
     print(f"{len(specs)} runs, {len(plan.todo)} to do, {len(plan.active)} queued or running, "
@@ -224,6 +266,8 @@ def cmd_run(args) -> None:
                       progress=sys.stderr.isatty())  # fmt: skip
     if args.launcher != "slurm":  # on SLURM the device is the compute node's, checked in the job
         runtime.check()
+    if plan.todo:  # a finished sweep in a read-only folder can still be listed
+        store.writable_dir(args.results, "--results")
     launched = launch.launch(plan.todo, args.results, runtime, launcher=args.launcher, cluster=args.cluster,
                              cluster_sets=cluster_sets, workers=args.workers, force=args.force)  # fmt: skip
     launch.print_launched(launched, args.results)
@@ -242,7 +286,11 @@ def cmd_run(args) -> None:
     rows = [r for rid in done for r in store.read_metrics(store.run_dir(args.results, rid) / "metrics.jsonl")]
     if rows:
         print(summary_table(rows))
-    failed = {rid: s for rid, s in launched.states.items() if s.state != "done"}
+    held = {rid: s for rid, s in launched.states.items() if s.state in ("pending", "running")}
+    if held:  # another `bench run` took them first: they are its to finish
+        print(f"{len(held)} runs are held by another process; `bench status --results {args.results}` follows "
+              f"them:\n{launch.format_states(held)}")  # fmt: skip
+    failed = {rid: s for rid, s in launched.states.items() if s.state not in ("done", "pending", "running")}
     if failed:
         raise BenchError(f"{len(failed)} of {len(launched.states)} runs did not finish; rerun the same command "
                          f"to retry them:\n{launch.format_states(failed)}")  # fmt: skip
@@ -335,4 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # a folder or file the user pointed at that cannot be read or written
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0

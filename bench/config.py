@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ class RunSpec:
     evaluators: tuple[str, ...] = ("forget_accuracy", "fid", "wallclock")
     teacher_path: str = ""  # an external diffusers teacher folder (absolute); "" = the model store's teacher
     options: tuple[tuple[str, str], ...] = ()  # evaluator options (weights paths), sorted (name, value)
+    data: str = ""  # digest of the dataset's files (Dataset.data_identity): other data, another run id
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -35,7 +37,7 @@ class RunSpec:
         d["evaluators"] = list(self.evaluators)
         d["options"] = dict(self.options)
         # Left out when unset, so runs made before these fields existed keep their ids.
-        for key in ("teacher_path", "options"):
+        for key in ("teacher_path", "options", "data"):
             if not d[key]:
                 del d[key]
         return d
@@ -95,7 +97,32 @@ def parse_sets(items: list[str], configs: dict[str, type]) -> dict[str, dict[str
 
 
 def resolve_config(method_cls, preset: str, overrides: dict[str, Any]):
-    """Paper defaults, then the preset's scaling, then the user's overrides."""
+    """Paper defaults, then the preset's scaling, then the user's overrides, validated."""
     scaled = method_cls.scaled.get(preset)
     values = {**(scaled.overrides if scaled else {}), **overrides}
-    return method_cls.Config(**values)
+    config = method_cls.Config(**values)
+    validate_config(config, method_cls.name)
+    return config
+
+
+def validate_config(config, method: str) -> None:
+    """Type, finiteness and range of every field (its `param(..., valid=...)`): a bad value fails before any run
+    starts with the key and its valid values, never inside a run or, worse, as a plausible-looking result."""
+    for f in dataclasses.fields(config):
+        value, valid, key = getattr(config, f.name), f.metadata.get("valid"), f"{method}.{f.name}"
+        default = f.default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise BenchError(f"{key}={value!r}: expected true or false")
+        elif isinstance(default, int | float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok or (isinstance(default, int) and not isinstance(value, int)):
+                raise BenchError(
+                    f"{key}={value!r}: expected {'an integer' if isinstance(default, int) else 'a number'}"
+                )
+            if not math.isfinite(value):
+                raise BenchError(f"{key}={value!r}: must be a finite number")
+            if valid is not None and value not in valid:
+                raise BenchError(f"{key}={value!r}: must be in {valid}")
+        elif isinstance(valid, tuple) and value not in valid:
+            raise BenchError(f"{key}={value!r}: expected one of {', '.join(map(repr, valid))}")

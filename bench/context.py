@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from bench.api import Dataset, ForgetSet
 from bench.errors import BenchError
 from bench.presets import Preset
+from bench.store import atomic_write_text
 from bench.training import load_state, save_state
 
 if TYPE_CHECKING:
@@ -46,11 +47,21 @@ class Runtime:
 
     @property
     def torch_device(self) -> torch.device:
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise BenchError(f"--device {self.device!r}: expected cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise BenchError(f"--device {self.device!r}: expected cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise BenchError(
                 f"--device {self.device}: CUDA is not available on this machine; use --device cpu"
             )
-        return torch.device(self.device)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise BenchError(
+                f"--device {self.device}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+        return device
 
 
 @dataclass
@@ -131,16 +142,35 @@ class RunContext:
             save_state(self.state_path, {**state, **extra})
 
     def load_state(self) -> dict | None:
-        """The last dumped state (restoring the generators), or None on a fresh start."""
+        """The last dumped state (restoring the generators), or None on a fresh start. The scalar log is cut back
+        to the step the training resumes from, so an interrupted attempt's later steps are not logged twice."""
         if not self.state_path.is_file():
+            self._truncate_log(0)
             return None
         with self._service():
-            state = load_state(self.state_path)
+            state = load_state(self.state_path, remedy=(
+                f"delete the folder {self.state_path.parent} to unlearn again from the first step, or rerun the "
+                "run with --force (replaces the whole run)"))  # fmt: skip
         for name, s in state.pop("_generators").items():
             self.generator(name).set_state(s)
         self.elapsed_before = state.pop("_elapsed")
         self._started, self.probe_s = time.perf_counter(), 0.0
+        if isinstance(state.get("step"), int):  # methods log step k after k steps, and dump "step": k
+            self._truncate_log(state["step"])
         return state
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.run_dir / "train_log.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                break  # a line cut by the interruption, and everything after it
+        atomic_write_text(path, "".join(kept))
 
     def elapsed(self) -> float:
         """Unlearning seconds over all attempts (probes excluded)."""

@@ -34,7 +34,7 @@ JOB = "job.json"  # how and when the run was last launched (launcher, job id, lo
 ERROR = "error.txt"  # traceback of the run's last failed attempt
 ATTEMPTS = "attempts.jsonl"  # one line per start of the run: requeues and resubmissions show up here
 STATE_DUMP = Path("state") / "state.pt"  # RunContext.state_path, relative to the run directory
-STATES = ("pending", "running", "done", "failed")
+STATES = ("new", "pending", "running", "done", "failed")  # new: never started, and nothing queued to start it
 # Passed to each job, for clusters that do not export the submitting shell's environment.
 ENV_PREFIXES = ("BENCH_", "HF_", "TRANSFORMERS_", "TORCH_HOME")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local executor kills jobs after 2 min unless told otherwise
@@ -78,6 +78,12 @@ def run_one(spec: RunSpec, results: Path, runtime: Runtime, *, reraise: bool) ->
         except BlockingIOError:
             log.warning("%s is being executed by another process; leaving it to that one", spec.run_id)
             return "busy"
+        # Only the lock's holder says who runs the run: a process that finds it busy never touches job.json.
+        _record(results, spec, holder=True, **{**_read_job(d), **_me(), "started": _now()})
+        removed = store.remove_temporaries(d)
+        if removed:
+            log.info("%s: removed %d files an interrupted attempt left: %s", spec.run_id, len(removed),
+                     ", ".join(p.name for p in removed))  # fmt: skip
         attempt = {"start": _now(), "host": socket.gethostname(), "pid": os.getpid(), "job_id": _job_id_here(),
                    "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -129,7 +135,7 @@ class RunJob(submitit.helpers.Checkpointable):
 @dataclass(frozen=True)
 class RunState:
     run_id: str
-    state: str  # "new" (no run directory yet) or one of STATES
+    state: str  # one of STATES
     detail: str = ""
     log: str = ""
 
@@ -188,11 +194,23 @@ def _active(job: dict, queue: dict[str, str]) -> tuple[str, str] | None:
         if not state and age < SUBMIT_GRACE_S:
             return "pending", f"SLURM job {job['job_id']} submitted {age:.0f}s ago"
         return None
-    if job.get("host") == socket.gethostname() and job.get("pid"):
-        start = _proc_start(job["pid"])
-        if start is not None and start == job.get("pid_start"):
+    if _alive(job):
+        if job.get("started"):
             return "running", f"{job['launcher']} process {job['pid']}"
+        return "pending", f"queued in {job['launcher']} process {job['pid']}"
     return None
+
+
+def _alive(job: dict) -> bool:
+    """Whether the local process a job record names still runs (the pid with its start time, on this host)."""
+    if job.get("host") != socket.gethostname() or not job.get("pid"):
+        return False
+    start = _proc_start(job["pid"])
+    return start is not None and start == job.get("pid_start")
+
+
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid())}
 
 
 def _read_job(d: Path) -> dict:
@@ -227,6 +245,9 @@ def _state(rid: str, d: Path, job: dict, queue: dict[str, str]) -> RunState:
     if job.get("launcher") == "slurm":
         state = queue.get(job["job_id"]) or "no record in sacct/squeue"
         return RunState(rid, "failed", f"SLURM job {job['job_id']} {state}, run not finished", log_path)
+    if not (d / ATTEMPTS).is_file():
+        why = f"its {job['launcher']} process {job.get('pid')} ended first" if job else "nothing launched it"
+        return RunState(rid, "new", f"not started ({why}): the same command starts it", log_path)
     if job:
         return RunState(rid, "failed", f"{job['launcher']} process ended before the run finished", log_path)
     return RunState(rid, "failed", "incomplete, and no job is running it", log_path)
@@ -286,8 +307,14 @@ def _prepare(specs: list[RunSpec], results: Path, force: bool) -> None:
         d.mkdir(parents=True, exist_ok=True)
 
 
-def _record(results: Path, spec: RunSpec, **info: Any) -> None:
-    store.write_json(store.run_dir(results, spec.run_id) / JOB, {"launched": _now(), **info})
+def _record(results: Path, spec: RunSpec, *, holder: bool = False, **info: Any) -> None:
+    """Write the run's job.json: the lock's `holder` always does; a launcher does unless a live local process
+    other than this one has started the run."""
+    path = store.run_dir(results, spec.run_id) / JOB
+    held = _read_job(path.parent)
+    if not holder and held.get("started") and held.get("pid") != os.getpid() and _alive(held):
+        return
+    store.write_json(path, {"launched": _now(), **info})
 
 
 def launch(specs: list[RunSpec], results: Path, runtime: Runtime, *, launcher: str = "inline",
@@ -310,6 +337,9 @@ def launch(specs: list[RunSpec], results: Path, runtime: Runtime, *, launcher: s
     cfg = clusters.load_cluster(cluster, cluster_sets) if launcher == "slurm" else {}
     _prepare(specs, results, force)
     ids = [s.run_id for s in specs]
+    if launcher != "slurm":  # pending until a process takes them: another `bench run` leaves them alone
+        for spec in specs:
+            _record(results, spec, launcher=launcher, **_me())
     if launcher == "inline":
         return Launched("inline", ids, [], folder, _run_inline(specs, results, runtime))
     if launcher == "local":
@@ -318,15 +348,8 @@ def launch(specs: list[RunSpec], results: Path, runtime: Runtime, *, launcher: s
 
 
 def _run_inline(specs: list[RunSpec], results: Path, runtime: Runtime) -> dict[str, RunState]:
-    me = {
-        "launcher": "inline",
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "pid_start": _proc_start(os.getpid()),
-    }
     for i, spec in enumerate(specs, 1):
         log.info("[%d/%d] %s", i, len(specs), spec.run_id)
-        _record(results, spec, **me)
         if run_one(spec, results, runtime, reraise=False) == "failed":
             log.error("%s failed: traceback in %s", spec.run_id, store.run_dir(results, spec.run_id) / ERROR)
     return run_states(results, [s.run_id for s in specs])

@@ -17,7 +17,7 @@ from bench.models.judge import JudgeCNN, judge_probs
 from bench.models.unet import build_unet
 from bench.presets import Preset
 from bench.sampling import DiffusionModel
-from bench.training import EMA, ddpm_loss, load_state, save_state, warmup_lambda
+from bench.training import EMA, ddpm_loss, load_state, remove_state, save_state, warmup_lambda
 
 log = logging.getLogger(__name__)
 
@@ -155,5 +155,5 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
                             "sampler": {"steps": preset.sampler_steps, "guidance": preset.guidance, "eta": preset.eta}},
         torch=torch.__version__, torch_threads=torch.get_num_threads(), seconds_this_session=round(time.time() - t0, 1),
     )  # fmt: skip
-    (out / "teacher_state.pt").unlink(missing_ok=True)
+    remove_state(out / "teacher_state.pt")
     return out

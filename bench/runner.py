@@ -23,10 +23,10 @@ from bench.config import RunSpec, resolve_config
 from bench.context import RunContext, Runtime
 from bench.data import make_dataset
 from bench.errors import BenchError
+from bench.files import share
 from bench.models import store as model_store
 from bench.presets import get_preset
 from bench.registry import EVALUATORS, METHODS
-from bench.sampling import load_sampler
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def load_models(dataset, preset, *, teacher_path: str = "", device=None, amp: bo
             judge_dir = found / "judge"
         else:
             judge_dir = _train_judge(dataset, recipe, device=device)
+            model_store.verify_judge(judge_dir)  # no manifest there: the judge's own checksums.json
         return teacher, model_store.load_judge(judge_dir), {"path": teacher_path, "judge": str(judge_dir)}
     if found is None:
         found = _train_models(dataset, recipe, device=device, amp=amp)
@@ -131,6 +132,7 @@ def _train_judge(dataset, recipe, *, device) -> Path:
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             model_store.save_judge(judge, tmp, widths=recipe.judge.widths)
+            model_store.write_judge_checksums(tmp)
             tmp.rename(out)
     return out
 
@@ -198,10 +200,18 @@ def check_config(spec: RunSpec, d: Path) -> None:
     """Refuse a run folder made with another config than the code now resolves for its spec (a preset's scaling
     or a paper default changed since): its figures would not be what the spec means today, and resuming it
     would mix two configs. The run id hashes the spec, not the resolved config, so this is where it shows."""
+    path = d / "spec.json"
+    if not path.is_file():
+        return  # nothing ran yet
     try:
-        saved = json.loads((d / "spec.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        return  # no config recorded yet: nothing ran
+        record = json.loads(path.read_text())
+        saved = record["config"]
+        same = all(record[k] == v for k, v in json.loads(json.dumps(spec.to_dict(), default=str)).items())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise BenchError(f"broken run record {path} ({e!r}): rerun the run with --force (replaces it)") from e
+    if not same:
+        raise BenchError(f"run record {path} describes another run than its folder's id {spec.run_id} (edited?): "
+                         "rerun the run with --force (replaces it)")  # fmt: skip
     config = resolve_config(METHODS.get(spec.method), spec.preset, dict(spec.overrides))
     now = json.loads(json.dumps(vars(config), default=str))
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
@@ -226,6 +236,10 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     preset = get_preset(spec.preset)
     dataset = make_dataset(spec.dataset, data_dir=runtime.data_dir, image_size=preset.image_size)
     forget_set = dataset.forget_set(spec.forget_set)
+    data = dataset.data_identity()
+    if spec.data and data["digest"] != spec.data:
+        raise BenchError(f"the {spec.dataset} files in {data['root']} are not those run {spec.run_id} was planned on "
+                         "(other names or sizes): check --data-dir / BENCH_DATA_DIR here")  # fmt: skip
     method_cls = METHODS.get(spec.method)
     config = resolve_config(method_cls, spec.preset, dict(spec.overrides))
     evaluators = [EVALUATORS.get(name)() for name in spec.evaluators]
@@ -235,7 +249,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         )
     d.mkdir(parents=True, exist_ok=True)  # only now: bad data or models leave no run folder behind
     store.write_json(d / "spec.json", {**spec.to_dict(), "run_id": spec.run_id, "config": vars(config),
-                                       "teacher": teacher_info, "forget": forget_set.forget,
+                                       "teacher": teacher_info, "data_files": data, "forget": forget_set.forget,
                                        "anchor": forget_set.anchor})  # fmt: skip
     store.write_json(d / "env.json", environment(device))
 
@@ -244,8 +258,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     model_dir = d / "model"
     if (model_dir / "unlearn.json").is_file():  # unlearning finished before an interruption
         with phases("load"):
-            model = load_sampler(model_dir)
-        unlearn_s = json.loads((model_dir / "unlearn.json").read_text())["unlearn_s"]
+            model, unlearn_s = model_store.load_run_model(model_dir)  # checked against its checksums
     else:
         ctx = RunContext(run_dir=d, seed=spec.seed, preset=preset, dataset=dataset, forget_set=forget_set,
                          requires=method_cls.requires, runtime=runtime)  # fmt: skip
@@ -260,8 +273,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         with phases("write"):
             tmp = d / "model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save(tmp)
-            store.write_json(tmp / "unlearn.json", {"unlearn_s": unlearn_s})
+            model_store.save_run_model(model, tmp, unlearn_s=unlearn_s)  # unlearn.json records the checksums
             shutil.rmtree(model_dir, ignore_errors=True)
             tmp.rename(model_dir)
             shutil.rmtree(d / "state", ignore_errors=True)
@@ -274,6 +286,14 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     sample_s = time.perf_counter() - t0
+    bad = int((~torch.isfinite(images.flatten(1)).all(1)).sum())
+    if bad:  # NaN would crash the evaluators' linear algebra (a segfault in MKL), and inf mean nothing
+        raise BenchError(
+            f"the model produced non-finite images (NaN or inf in {bad} of {len(images)}): the method diverged; "
+            f"see {d / 'train_log.jsonl'} for its losses, and lower its learning rate or change its config "
+            f"(--set {spec.method}.NAME=VALUE; {d / 'spec.json'} has the config). The saved model is kept in "
+            f"{model_dir}, so this run fails the same way until you rerun it with --force"
+        )
     samples = SampleSet(images=images, labels=labels, nfe=model.nfe(steps=preset.sampler_steps, guidance=preset.guidance),
                         sample_s=sample_s, unlearn_s=unlearn_s, peak_mem_mb=_peak_memory_mb(device))  # fmt: skip
     grid = images.view(dataset.num_classes, preset.eval_per_class, *images.shape[1:])[:, :GRID_PER_CLASS]
@@ -282,6 +302,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
             {"images": ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).contiguous()},
             d / "samples.safetensors",
         )
+        share(d / "samples.safetensors")
 
     ectx = EvalContext(
         dataset=dataset, forget_set=forget_set, judge=judge, device=device, options=dict(spec.options)

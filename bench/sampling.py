@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from bench.errors import BenchError
+from bench.files import share
 from bench.models.unet import noise_schedule, num_classes_of
 
 
@@ -80,6 +81,7 @@ class Sampler(ABC):
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(directory / "unet", safe_serialization=True)
+        share(directory / "unet")  # save_pretrained writes its safetensors 0600, whatever the umask
         (directory / "sampler.json").write_text(json.dumps(self.settings(), indent=2))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
+from bench.files import sha256
+from bench.store import atomic_write_text
 
 
 class EMA:
@@ -38,20 +41,59 @@ def warmup_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
+def state_record(path: Path) -> Path:
+    """The sidecar beside a state dump (state.pt -> state.pt.json) holding its sha256."""
+    return path.with_name(path.name + ".json")
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(state_record(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def save_state(path: Path, state: dict) -> None:
-    """Write a resumable state atomically: a kill leaves either the old file or the new one."""
+    """Write a resumable state atomically (a kill leaves either the old file or the new one) with its checksum.
+
+    The sidecar is replaced before the dump and keeps the previous dump's checksum too, so whichever of the two
+    dumps a kill leaves in place still matches it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    old = _read_record(path) if path.is_file() else None
+    previous = old.get("sha256") if old else None
+    atomic_write_text(state_record(path), json.dumps({"file": path.name, "sha256": sha256(tmp),
+                                                      "previous": previous}) + "\n")  # fmt: skip
     os.replace(tmp, path)
 
 
-def load_state(path: Path) -> dict:
-    """Load a state written by save_state, without unpickling arbitrary objects."""
+def remove_state(path: Path) -> None:
+    """Delete a state dump and its checksum sidecar."""
+    path.unlink(missing_ok=True)
+    state_record(path).unlink(missing_ok=True)
+
+
+def load_state(path: Path, *, remedy: str = "") -> dict:
+    """Load a state written by save_state, after checking its checksum, without unpickling arbitrary objects."""
+    remedy = remedy or f"delete {path} and {state_record(path).name} beside it to start this training over"
+    record = _read_record(path)
+    if record is None or not isinstance(record.get("sha256"), str):
+        raise BenchError(
+            f"training state {path} has no readable checksum record {state_record(path)} (written by an older "
+            f"version, or the record was lost), so it cannot be trusted: {remedy}"
+        )
+    if sha256(path) not in (record["sha256"], record.get("previous")):
+        raise BenchError(
+            f"training state {path} does not match its checksum in {state_record(path)}: truncated or modified "
+            f"since it was written; {remedy}"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BenchError(f"cannot load training state {path} (truncated or tampered?): {e}") from e
+        raise BenchError(f"cannot load training state {path} (truncated or tampered?): {e}; {remedy}") from e
 
 
 def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator, *, device: torch.device,

@@ -13,6 +13,7 @@ reference features of a dataset's test split are computed once per weights file 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from functools import lru_cache
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bench.api import EvalContext, Evaluator, Metric, SampleSet
 from bench.errors import BenchError
-from bench.models.store import cache_dir, sha256
+from bench.models.store import cache_dir
 from bench.registry import EVALUATORS
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,35 @@ def frechet_distance(
     judge: nn.Module, real: torch.Tensor, fake: torch.Tensor, *, device, batch_size: int = 1000
 ) -> float:
     """FID formula (torchmetrics) on judge features; images are float tensors in [-1, 1]."""
+    check_finite_images(fake, "generated images")
     judge.eval()
     fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), reset_real_features=True).to(device)
     with torch.no_grad():
         for imgs, is_real in ((real, True), (fake, False)):
             for i in range(0, len(imgs), batch_size):
                 fid.update(imgs[i : i + batch_size].to(device), real=is_real)
+    # torchmetrics' eigvals segfaults (MKL) on a matrix with NaN: check the features' sums before any linear algebra.
+    for which in ("real", "fake"):
+        sums = (getattr(fid, f"{which}_features_sum"), getattr(fid, f"{which}_features_cov_sum"))
+        if not all(bool(torch.isfinite(t).all()) for t in sums):
+            raise BenchError(non_finite(f"judge features of the {which} images", "the judge"))
     return float(fid.compute())
+
+
+def non_finite(what: str, network: str) -> str:
+    """The message for NaN or inf in features that a Frechet distance needs finite."""
+    return f"non-finite {what} (NaN or inf) from finite images: {network} is broken; check its weights file"
+
+
+def check_finite_images(images: torch.Tensor, what: str) -> None:
+    """A BenchError when generated images hold NaN or inf (a diverged method), before any linear algebra."""
+    bad = int((~torch.isfinite(images.flatten(1)).all(1)).sum())
+    if bad:
+        raise BenchError(
+            f"the model produced non-finite images (NaN or inf in {bad} of {len(images)} {what}): the method "
+            "diverged; see the run's train_log.jsonl for its losses, and lower its learning rate or change its "
+            "config (--set METHOD.NAME=VALUE)"
+        )
 
 
 def hub_inception_file() -> Path | None:
@@ -78,24 +101,37 @@ def _load_inception(
         f"--inception-weights {path} is not the FID Inception-v3 state dict ({HUB_NAMES[0]} of torch-fidelity, "
         f"or pytorch-fid's {HUB_NAMES[1]})"
     )
-    # Read as plain tensors first: torch-fidelity itself unpickles the file with weights_only=False.
+    # The file is read once: its digest and its tensors come from the same bytes (a file swapped meanwhile changes
+    # neither), and they are unpickled only as plain tensors.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = Path(path).read_bytes()
     except FileNotFoundError as e:
         raise BenchError(f"--inception-weights {path}: no such file") from e
+    except OSError as e:
+        raise BenchError(f"--inception-weights {path}: cannot read it ({e.strerror or e})") from e
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise BenchError(f"{wrong}: it does not load as a plain state dict ({e})") from e
+    del data
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise BenchError(f"{wrong}: it holds a {type(state).__name__}, not a state dict of tensors")
+    # torch-fidelity's constructor always loads weights itself, unpickling them with weights_only=False from the
+    # path it is given (or downloading them when given none). It is never given the user's path: it gets the checked
+    # tensors, serialised by us in memory, and load_state_dicts them (strictly).
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     del state
+    buffer.seek(0)
     try:
         net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=path
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer
         )
     except RuntimeError as e:  # its strict load_state_dict: missing or unexpected keys, shape mismatches
         first = str(e).splitlines()[1:3]
         raise BenchError(f"{wrong}: a different architecture ({' '.join(s.strip() for s in first)})") from e
-    return net.eval(), sha256(Path(path))[:16]
+    return net.eval(), digest
 
 
 def load_inception(path: str | Path) -> tuple[nn.Module, str]:
@@ -162,6 +198,9 @@ def frechet_from_features(real: np.ndarray, fake: np.ndarray) -> float:
     """
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
+    for which, f in (("real", real), ("generated", fake)):
+        if not np.isfinite(f).all():
+            raise BenchError(non_finite(f"Inception features of the {which} images", "the Inception network"))
     n, m, d = len(real), len(fake), real.shape[1]
     if min(n, m) > d:
         stats = [fid_features_to_statistics(torch.from_numpy(f)) for f in (real, fake)]
@@ -175,6 +214,7 @@ def frechet_from_features(real: np.ndarray, fake: np.ndarray) -> float:
 
 def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights: str, *, device) -> float:
     """FID between `fake` and the real test images of `classes` (Inception features by torch-fidelity)."""
+    check_finite_images(fake, "generated images")
     net, digest = load_inception(weights)
     real, labels = reference_features(dataset, net, digest, device=device)
     real = real[np.isin(labels, classes)]
@@ -213,6 +253,7 @@ class FID(Evaluator):
         keep = torch.isin(samples.labels, torch.tensor(retain))
         real, _ = ctx.dataset.images("test", retain)
         fake = samples.images[keep]
+        check_finite_images(fake, "generated images of the retained classes")
         if len(fake) < 2 or len(real) < 2:
             raise ValueError(
                 "fd_judge needs at least two generated and two real images of the retained classes"

@@ -33,7 +33,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from bench.api import Method, Scaled, param
+from bench.api import NON_NEGATIVE, POSITIVE, Method, Range, Scaled, param
 from bench.errors import BenchError
 from bench.models.unet import noise_schedule
 from bench.registry import METHODS
@@ -77,32 +77,46 @@ def partial_ddim(model: DiffusionModel, z: torch.Tensor, labels: torch.Tensor, *
 
 @dataclass(frozen=True)
 class ESDConfig:
-    iterations: int = param(1000, f"{OLD} --iterations")
-    lr: float = param(1e-5, f"{OLD} --lr (Adam)")
-    eta: float = param(1.0, f"{OLD} --negative_guidance")
-    batch_size: int = param(1, f"{OLD}: one image per iteration (start_code of batch 1)")
-    start_guidance: float = param(3.0, f"{OLD} --start_guidance (guidance of the generated x_t)")
-    ddim_steps: int = param(50, f"{OLD} --ddim_steps")
+    iterations: int = param(1000, f"{OLD} --iterations", valid=POSITIVE)
+    lr: float = param(1e-5, f"{OLD} --lr (Adam)", valid=POSITIVE)
+    eta: float = param(1.0, f"{OLD} --negative_guidance", valid=NON_NEGATIVE)
+    batch_size: int = param(1, f"{OLD}: one image per iteration (start_code of batch 1)", valid=POSITIVE)
+    start_guidance: float = param(
+        3.0, f"{OLD} --start_guidance (guidance of the generated x_t)", valid=NON_NEGATIVE
+    )
+    ddim_steps: int = param(50, f"{OLD} --ddim_steps", valid=Range(1, 1000))
     train_method: str = param(
         "esd-u", f"{OLD} --train_method noxattn (ESD-u), the paper's choice for objects"
     )
-    target_base: str = param("null", f"{OLD}: e_0 - negative_guidance (e_p - e_0); 'concept' as esd_sd.py")
+    target_base: str = param(
+        "null",
+        f"{OLD}: e_0 - negative_guidance (e_p - e_0); 'concept' as esd_sd.py",
+        valid=("null", "concept"),
+    )
     sample_from: str = param(
-        "trained", f"{OLD}: x_t sampled by the model being trained; 'frozen' as esd_sd.py"
+        "trained",
+        f"{OLD}: x_t sampled by the model being trained; 'frozen' as esd_sd.py",
+        valid=("trained", "frozen"),
     )
 
 
 @dataclass(frozen=True)
 class ESDNewConfig(ESDConfig):
-    iterations: int = param(200, f"{NEW} --iterations")
-    lr: float = param(5e-5, f"{NEW} --lr")
-    eta: float = param(2.0, f"{NEW} --negative_guidance")
-    start_guidance: float = param(3.0, f"{NEW} --guidance_scale")
-    ddim_steps: int = param(50, f"{NEW} --num_inference_steps")
-    batch_size: int = param(1, f"{NEW} batchsize = 1")
+    iterations: int = param(200, f"{NEW} --iterations", valid=POSITIVE)
+    lr: float = param(5e-5, f"{NEW} --lr", valid=POSITIVE)
+    eta: float = param(2.0, f"{NEW} --negative_guidance", valid=NON_NEGATIVE)
+    start_guidance: float = param(3.0, f"{NEW} --guidance_scale", valid=NON_NEGATIVE)
+    ddim_steps: int = param(50, f"{NEW} --num_inference_steps", valid=Range(1, 1000))
+    batch_size: int = param(1, f"{NEW} batchsize = 1", valid=POSITIVE)
     train_method: str = param("esd-u", f"{NEW} --train_method esd-u (the README's choice for objects)")
-    target_base: str = param("concept", f"{NEW}: noise_pred_erase_from (= the concept) - eta (erase - null)")
-    sample_from: str = param("frozen", f"{NEW}: pipe.unet = base_unet while generating x_t")
+    target_base: str = param(
+        "concept",
+        f"{NEW}: noise_pred_erase_from (= the concept) - eta (erase - null)",
+        valid=("null", "concept"),
+    )
+    sample_from: str = param(
+        "frozen", f"{NEW}: pipe.unet = base_unet while generating x_t", valid=("trained", "frozen")
+    )
 
 
 @METHODS.register("esd")

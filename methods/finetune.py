@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.api import Method, Scaled, param
+from bench.api import FRACTION, POSITIVE, Method, Scaled, param
 from bench.registry import METHODS
 from bench.sampling import DiffusionModel
 from bench.training import ddpm_loss
@@ -22,11 +22,13 @@ from bench.training import ddpm_loss
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    iterations: int = param(1000, "SalUn cifar10_saliency_unlearn.yml n_iters (equal budget)")
-    batch_size: int = param(128, "SalUn cifar10_saliency_unlearn.yml batch_size")
-    lr: float = param(1e-4, "SalUn cifar10_saliency_unlearn.yml optim.lr")
-    grad_clip: float = param(1.0, "SalUn/SA DDPM configs grad_clip")
-    label_dropout: float = param(0.1, "teacher's CFG dropout (SA/SalUn/SFD cifar10_train.yml)")
+    iterations: int = param(1000, "SalUn cifar10_saliency_unlearn.yml n_iters (equal budget)", valid=POSITIVE)
+    batch_size: int = param(128, "SalUn cifar10_saliency_unlearn.yml batch_size", valid=POSITIVE)
+    lr: float = param(1e-4, "SalUn cifar10_saliency_unlearn.yml optim.lr", valid=POSITIVE)
+    grad_clip: float = param(1.0, "SalUn/SA DDPM configs grad_clip", valid=POSITIVE)
+    label_dropout: float = param(
+        0.1, "teacher's CFG dropout (SA/SalUn/SFD cifar10_train.yml)", valid=FRACTION
+    )
 
 
 @METHODS.register("finetune")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DModel
 
-from bench.api import Method, Scaled, param
+from bench.api import DECAY, FRACTION, POSITIVE, Method, Range, Scaled, param
 from bench.presets import PRESETS, TeacherRecipe
 from bench.registry import METHODS
 from bench.sampling import DiffusionModel
@@ -28,15 +28,17 @@ _PAPER = PRESETS["paper"].teacher
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    steps: int = param(_PAPER.steps, f"{SRC} training.n_iters")
-    batch_size: int = param(_PAPER.batch_size, f"{SRC} training.batch_size")
-    lr: float = param(_PAPER.lr, f"{SRC} optim.lr")
+    steps: int = param(_PAPER.steps, f"{SRC} training.n_iters", valid=POSITIVE)
+    batch_size: int = param(_PAPER.batch_size, f"{SRC} training.batch_size", valid=POSITIVE)
+    lr: float = param(_PAPER.lr, f"{SRC} optim.lr", valid=POSITIVE)
     warmup_steps: int = param(
-        _PAPER.warmup_steps, "paper preset teacher warm-up (bench/presets.py; DDPM recipe)"
+        _PAPER.warmup_steps,
+        "paper preset teacher warm-up (bench/presets.py; DDPM recipe)",
+        valid=Range(0),
     )
-    ema_decay: float = param(_PAPER.ema_decay, f"{SRC} model.ema_rate")
-    label_dropout: float = param(_PAPER.label_dropout, f"{SRC} model.cond_drop_prob")
-    grad_clip: float = param(_PAPER.grad_clip, f"{SRC} optim.grad_clip")
+    ema_decay: float = param(_PAPER.ema_decay, f"{SRC} model.ema_rate", valid=DECAY)
+    label_dropout: float = param(_PAPER.label_dropout, f"{SRC} model.cond_drop_prob", valid=FRACTION)
+    grad_clip: float = param(_PAPER.grad_clip, f"{SRC} optim.grad_clip", valid=POSITIVE)
 
 
 def _recipe(recipe: TeacherRecipe) -> dict:

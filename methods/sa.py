@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bench.api import Method, Scaled, param
+from bench.api import DECAY, FRACTION, NON_NEGATIVE, POSITIVE, Method, Range, Scaled, param
+from bench.errors import BenchError
+from bench.files import check_file, sha256, share
 from bench.models import store
 from bench.models.unet import noise_schedule, num_classes_of
 from bench.registry import METHODS
 from bench.sampling import DiffusionModel, autocast
+from bench.store import atomic_write_text
 from bench.training import EMA
 
 SRC = "SA ddpm/configs/cifar10_forget.yml"
@@ -124,36 +128,68 @@ def teacher_digest(unet: nn.Module) -> str:
     return h.hexdigest()
 
 
+def cache_record(path: Path) -> Path:
+    """The checksum record beside a cache file (replay-....safetensors -> replay-....safetensors.json)."""
+    return path.with_name(path.name + ".json")
+
+
 def _cached(path: Path, compute) -> dict[str, torch.Tensor]:
-    """Load a safetensors cache, or compute it and write it atomically (parallel runs may race)."""
-    if path.is_file():
-        return load_file(path)
-    tensors = {k: v.contiguous() for k, v in compute().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    """Load a safetensors cache after checking it against the sha256 recorded when it was written, or compute it
+    and write it (the record first, then the file, atomically; parallel runs wait for one computation)."""
+    record = cache_record(path)
+    remedy = f"delete {path} and {record.name} beside it (a cache: the next SA run computes it again)"
+    with store.locked(path):
+        if path.is_file():
+            try:
+                digest = json.loads(record.read_text())["sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                digest = None  # no record (an older version wrote the file): compute it again
+            if isinstance(digest, str):
+                check_file(path, digest, record=record, remedy=remedy)
+                try:
+                    return load_file(path)
+                except Exception as e:
+                    raise BenchError(f"cannot load the SA cache {path}: {e}; {remedy}") from e
+        tensors = {k: v.contiguous() for k, v in compute().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, tmp)
+        share(tmp)  # save_file makes it 0600: unreadable for others sharing BENCH_MODEL_DIR
+        atomic_write_text(record, json.dumps({"file": path.name, "sha256": sha256(tmp)}) + "\n")
+        os.replace(tmp, path)
     return tensors
 
 
 @dataclass(frozen=True)
 class SAConfig:
-    iterations: int = param(20_000, f"{SRC} training.n_iters")
-    batch_size: int = param(128, f"{SRC} training.batch_size (replay and surrogate batches each)")
-    lr: float = param(1e-4, f"{SRC} optim.lr (Adam)")
-    adam_beta1: float = param(0.9, f"{SRC} optim.beta1")
-    adam_eps: float = param(1e-8, f"{SRC} optim.eps")
-    grad_clip: float = param(1.0, f"{SRC} optim.grad_clip (norm)")
-    lam: float = param(10.0, f"{SRC} training.lmbda (Fisher penalty weight)")
-    gamma: float = param(1.0, f"{SRC} training.gamma (generative replay weight)")
-    ema_decay: float = param(0.9999, f"{SRC} model.ema_rate (EMA copy used for sampling)")
-    replay_per_class: int = param(500, "SA ddpm/README.md: sample.py --n_samples_per_class 500 (GR and FIM)")
-    replay_steps: int = param(1000, "SA ddpm/sample.py --timesteps 1000")
-    replay_guidance: float = param(3.0, "SA ddpm/sample.py --cond_scale 2.0 (= guidance 3 here)")
-    replay_eta: float = param(1.0, "SA ddpm/sample.py --eta 1.0")
-    fisher_per_class: int = param(500, "SA ddpm/fim.py: every class_samples image (500 per class)")
-    fisher_timesteps: int = param(1000, "SA ddpm/fim.py: sum over all 1000 timesteps per sample")
-    fisher_label_dropout: float = param(0.1, "SA ddpm/functions/losses.py cond_drop_prob default in fim.py")
+    iterations: int = param(20_000, f"{SRC} training.n_iters", valid=POSITIVE)
+    batch_size: int = param(
+        128, f"{SRC} training.batch_size (replay and surrogate batches each)", valid=POSITIVE
+    )
+    lr: float = param(1e-4, f"{SRC} optim.lr (Adam)", valid=POSITIVE)
+    adam_beta1: float = param(0.9, f"{SRC} optim.beta1", valid=DECAY)
+    adam_eps: float = param(1e-8, f"{SRC} optim.eps", valid=POSITIVE)
+    grad_clip: float = param(1.0, f"{SRC} optim.grad_clip (norm)", valid=POSITIVE)
+    lam: float = param(10.0, f"{SRC} training.lmbda (Fisher penalty weight)", valid=NON_NEGATIVE)
+    gamma: float = param(1.0, f"{SRC} training.gamma (generative replay weight)", valid=NON_NEGATIVE)
+    ema_decay: float = param(0.9999, f"{SRC} model.ema_rate (EMA copy used for sampling)", valid=DECAY)
+    replay_per_class: int = param(
+        500, "SA ddpm/README.md: sample.py --n_samples_per_class 500 (GR and FIM)", valid=POSITIVE
+    )
+    replay_steps: int = param(1000, "SA ddpm/sample.py --timesteps 1000", valid=Range(1, 1000))
+    replay_guidance: float = param(
+        3.0, "SA ddpm/sample.py --cond_scale 2.0 (= guidance 3 here)", valid=NON_NEGATIVE
+    )
+    replay_eta: float = param(1.0, "SA ddpm/sample.py --eta 1.0", valid=FRACTION)
+    fisher_per_class: int = param(
+        500, "SA ddpm/fim.py: every class_samples image (500 per class)", valid=POSITIVE
+    )
+    fisher_timesteps: int = param(
+        1000, "SA ddpm/fim.py: sum over all 1000 timesteps per sample", valid=Range(1, 1000)
+    )
+    fisher_label_dropout: float = param(
+        0.1, "SA ddpm/functions/losses.py cond_drop_prob default in fim.py", valid=FRACTION
+    )
 
 
 @METHODS.register("sa")

@@ -27,7 +27,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.api import ForgetSet, Method, Scaled, param
+from bench.api import (
+    DECAY,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    ForgetSet,
+    Method,
+    Range,
+    Scaled,
+    param,
+)
 from bench.errors import BenchError
 from bench.models.unet import noise_schedule
 from bench.registry import METHODS
@@ -106,22 +116,32 @@ def mask_gradients(unet: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_s
 
 @dataclass(frozen=True)
 class SalUnConfig:
-    iterations: int = param(1000, f"{SRC} training.n_iters")
-    batch_size: int = param(128, f"{SRC} training.batch_size (forget and retained batches each)")
-    lr: float = param(1e-4, f"{SRC} optim.lr (Adam, no weight decay)")
-    adam_beta1: float = param(0.9, f"{SRC} optim.beta1")
-    adam_eps: float = param(1e-8, f"{SRC} optim.eps")
-    grad_clip: float = param(1.0, f"{SRC} optim.grad_clip (norm, before masking)")
-    alpha: float = param(1e-3, "SalUn DDPM/README.md --alpha 1e-3 (maintainers, issue #19)")
+    iterations: int = param(1000, f"{SRC} training.n_iters", valid=POSITIVE)
+    batch_size: int = param(
+        128, f"{SRC} training.batch_size (forget and retained batches each)", valid=POSITIVE
+    )
+    lr: float = param(1e-4, f"{SRC} optim.lr (Adam, no weight decay)", valid=POSITIVE)
+    adam_beta1: float = param(0.9, f"{SRC} optim.beta1", valid=DECAY)
+    adam_eps: float = param(1e-8, f"{SRC} optim.eps", valid=POSITIVE)
+    grad_clip: float = param(1.0, f"{SRC} optim.grad_clip (norm, before masking)", valid=POSITIVE)
+    alpha: float = param(
+        1e-3, "SalUn DDPM/README.md --alpha 1e-3 (maintainers, issue #19)", valid=NON_NEGATIVE
+    )
     relabel: str = param(
         "next", "SalUn runners/diffusion.py: pseudo_c = (label_to_forget + 1) % 10; or 'random'"
     )
-    label_dropout: float = param(0.1, "SalUn model.cond_drop_prob (retained term)")
-    mask_ratio: float = param(0.5, "SalUn DDPM/train.py --mask_ratio 0.5 (threshold_list [0.5])")
-    mask_guidance: float = param(
-        3.0, "SalUn DDPM/train.py --cond_scale 2.0 in generate_mask (= guidance 3 here)"
+    label_dropout: float = param(0.1, "SalUn model.cond_drop_prob (retained term)", valid=FRACTION)
+    mask_ratio: float = param(
+        0.5, "SalUn DDPM/train.py --mask_ratio 0.5 (threshold_list [0.5])", valid=FRACTION
     )
-    mask_images: int = param(0, "SalUn generate_mask: one pass over all forget images (0 = all)")
+    mask_guidance: float = param(
+        3.0,
+        "SalUn DDPM/train.py --cond_scale 2.0 in generate_mask (= guidance 3 here)",
+        valid=NON_NEGATIVE,
+    )
+    mask_images: int = param(
+        0, "SalUn generate_mask: one pass over all forget images (0 = all)", valid=Range(0)
+    )
 
 
 @METHODS.register("salun")

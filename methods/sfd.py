@@ -27,7 +27,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.api import ForgetSet, Method, Scaled, param
+from bench.api import (
+    DECAY,
+    NON_NEGATIVE,
+    POSITIVE,
+    TIMESTEP,
+    ForgetSet,
+    Method,
+    Range,
+    Scaled,
+    param,
+)
 from bench.errors import BenchError
 from bench.models.unet import noise_schedule
 from bench.registry import METHODS
@@ -39,32 +49,42 @@ SRC = "cifar10_sfd.yml"
 
 @dataclass(frozen=True)
 class SFDConfig:
-    iterations: int = param(50_000, f"{SRC} training.n_iters")
-    batch_size: int = param(128, f"{SRC} training.batch_size (per term: retained and forgotten each)")
-    lr_fake: float = param(1e-5, f"{SRC} sg_optim.lr")
-    lr_generator: float = param(1e-5, f"{SRC} g_optim.lr")
-    adam_beta1: float = param(0.0, f"{SRC} sg_optim/g_optim.beta1")
-    adam_beta2: float = param(0.999, f"{SRC} sg_optim/g_optim.beta2")
-    adam_eps: float = param(1e-8, f"{SRC} sg_optim/g_optim.eps")
-    grad_clip: float = param(1.0, f"{SRC} grad_clip (clip_grad_value_, by value)")
-    alpha: float = param(1.2, f"{SRC} distill.alpha (SiD's alpha)")
-    t_min: int = param(38, f"{SRC} distill.t_min")
-    t_max: int = param(712, f"{SRC} distill.t_max (exclusive: t ~ U{{38..711}})")
-    t_init: int = param(440, f"{SRC} distill.t_init (sigma ~ 2.5, SiD's init_sigma)")
-    fake_retain_weight: float = param(1.0, f"{SRC} distill.sg_remain_coef")
-    fake_forget_weight: float = param(0.01, f"{SRC} distill.sg_forget_coef (lambda_psi_f)")
-    generator_retain_weight: float = param(1.0, f"{SRC} distill.g_remain_coef")
-    generator_forget_weight: float = param(0.01, f"{SRC} distill.g_forget_coef (lambda_theta_f)")
+    iterations: int = param(50_000, f"{SRC} training.n_iters", valid=POSITIVE)
+    batch_size: int = param(
+        128, f"{SRC} training.batch_size (per term: retained and forgotten each)", valid=POSITIVE
+    )
+    lr_fake: float = param(1e-5, f"{SRC} sg_optim.lr", valid=POSITIVE)
+    lr_generator: float = param(1e-5, f"{SRC} g_optim.lr", valid=POSITIVE)
+    adam_beta1: float = param(0.0, f"{SRC} sg_optim/g_optim.beta1", valid=DECAY)
+    adam_beta2: float = param(0.999, f"{SRC} sg_optim/g_optim.beta2", valid=DECAY)
+    adam_eps: float = param(1e-8, f"{SRC} sg_optim/g_optim.eps", valid=POSITIVE)
+    grad_clip: float = param(1.0, f"{SRC} grad_clip (clip_grad_value_, by value)", valid=POSITIVE)
+    alpha: float = param(1.2, f"{SRC} distill.alpha (SiD's alpha)", valid=NON_NEGATIVE)
+    t_min: int = param(38, f"{SRC} distill.t_min", valid=TIMESTEP)
+    t_max: int = param(712, f"{SRC} distill.t_max (exclusive: t ~ U{{38..711}})", valid=Range(1, 1000))
+    t_init: int = param(440, f"{SRC} distill.t_init (sigma ~ 2.5, SiD's init_sigma)", valid=TIMESTEP)
+    fake_retain_weight: float = param(1.0, f"{SRC} distill.sg_remain_coef", valid=NON_NEGATIVE)
+    fake_forget_weight: float = param(
+        0.01, f"{SRC} distill.sg_forget_coef (lambda_psi_f)", valid=NON_NEGATIVE
+    )
+    generator_retain_weight: float = param(1.0, f"{SRC} distill.g_remain_coef", valid=NON_NEGATIVE)
+    generator_forget_weight: float = param(
+        0.01, f"{SRC} distill.g_forget_coef (lambda_theta_f)", valid=NON_NEGATIVE
+    )
     anchor: str = param(
         "fixed", f"{SRC} distill.label_to_override: 'fixed' (forget set's anchor), 'random', or K"
     )
-    ema_decay: float = param(0.9999, f"{SRC} model.ema_rate (generator EMA, used for sampling)")
+    ema_decay: float = param(0.9999, f"{SRC} model.ema_rate (generator EMA, used for sampling)", valid=DECAY)
 
 
 @dataclass(frozen=True)
 class SiDConfig(SFDConfig):
-    fake_forget_weight: float = param(0.0, "0: SiD distillation only (the SFD repo's stage-1 config)")
-    generator_forget_weight: float = param(0.0, "0: SiD distillation only (the SFD repo's stage-1 config)")
+    fake_forget_weight: float = param(
+        0.0, "0: SiD distillation only (the SFD repo's stage-1 config)", valid=NON_NEGATIVE
+    )
+    generator_forget_weight: float = param(
+        0.0, "0: SiD distillation only (the SFD repo's stage-1 config)", valid=NON_NEGATIVE
+    )
 
 
 def denoise(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, a, b) -> torch.Tensor:
@@ -182,7 +202,10 @@ class SFD(Method):
     }  # fmt: skip
 
     def validate(self, forget_set):
-        anchor_labels(self.config.anchor, forget_set, 1, torch.Generator())
+        cfg = self.config
+        if cfg.t_min >= cfg.t_max:
+            raise BenchError(f"{self.name}.t_min={cfg.t_min} must be below {self.name}.t_max={cfg.t_max}")
+        anchor_labels(cfg.anchor, forget_set, 1, torch.Generator())
 
     def unlearn(self, teacher, forget_set, ctx):
         cfg = self.config

@@ -89,6 +89,7 @@ def test_unknown_launcher_is_a_usage_error(smoke, capsys):
 def test_missing_data_folder_says_what_to_put_where(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("bench.data.fashion_mnist.DEBIAN_DIR", tmp_path / "none")
     monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()
     code = main(["run", "--methods", "original", "--preset", "smoke", "--results", str(tmp_path / "r"),
                  "--data-dir", str(tmp_path / "empty")])  # fmt: skip
     err = capsys.readouterr().err

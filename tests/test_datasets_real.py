@@ -303,4 +303,7 @@ def test_bad_data_exits_2_and_writes_nothing(tmp_path, capsys):
     assert "000006.jpg" in capsys.readouterr().err
     assert not list(results.glob("runs/*")) and not list((tmp_path / "models").rglob("*.safetensors"))
     assert main([*argv[:-4], "--data-dir", str(tmp_path / "nowhere"), "--results", str(results)]) == 2
+    assert "nowhere: no such folder" in capsys.readouterr().err  # --data-dir is authoritative: no fall-back
+    (tmp_path / "nowhere").mkdir()
+    assert main([*argv[:-4], "--data-dir", str(tmp_path / "nowhere"), "--results", str(results)]) == 2
     assert "list_attr_celeba.txt" in capsys.readouterr().err

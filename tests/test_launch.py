@@ -124,7 +124,7 @@ def test_states_from_disk_and_queue(tmp_path, monkeypatch):
     # rerunning the sweep launches only what never ran or did not finish
     p = launch.plan(specs, root)
     assert p.todo == [specs[3], specs[4], specs[5]] and p.active == specs[1:3] and p.done == [specs[0]]
-    assert "6 runs: 1 pending, 1 running, 1 done, 2 failed" in launch.format_states(states)
+    assert "6 runs: 1 new, 1 pending, 1 running, 1 done, 2 failed" in launch.format_states(states)
 
 
 def test_a_job_sacct_does_not_know_yet_is_pending_then_failed(tmp_path, monkeypatch):
@@ -153,10 +153,17 @@ def test_a_live_process_is_running_and_a_dead_one_failed(tmp_path):
         "host": launch.socket.gethostname(),
         "pid": os.getpid(),
     }
-    store.write_json(d / launch.JOB, me | {"pid_start": launch._proc_start(os.getpid())})
+    alive = me | {"pid_start": launch._proc_start(os.getpid())}
+    store.write_json(d / launch.JOB, alive)  # queued by a live sweep, not taken yet
+    state = launch.run_states(tmp_path)[s.run_id]
+    assert (state.state, state.detail) == ("pending", f"queued in inline process {os.getpid()}")
+    store.write_json(d / launch.JOB, alive | {"started": launch._now()})
     assert launch.run_states(tmp_path)[s.run_id].state == "running"
     store.write_json(d / launch.JOB, me | {"pid_start": "0"})  # same pid, another process (pid reuse)
-    assert launch.run_states(tmp_path)[s.run_id].state == "failed"
+    state = launch.run_states(tmp_path)[s.run_id]
+    assert state.state == "new" and "not started" in state.detail  # it never started: nothing to resume
+    (d / launch.ATTEMPTS).write_text("{}\n")
+    assert launch.run_states(tmp_path)[s.run_id].state == "failed"  # started, then its process ended
 
 
 def test_inline_failure_is_kept_and_does_not_stop_the_others(tmp_path, monkeypatch):

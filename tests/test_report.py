@@ -242,6 +242,9 @@ def test_broken_metrics_file_is_named(hand, tmp_path, caplog, capsys):
     assert main(["report", "--results", str(hand), "--out", str(tmp_path / "out"), "--strict"]) == 2
     assert str(broken) in capsys.readouterr().err
     broken.write_text(json.dumps({c: ("x" if c != "value" else None) for c in store.COLUMNS}) + "\n")
+    with pytest.raises(BenchError, match=r"metrics.jsonl, line 1: value None is not a number"):
+        load(hand, strict=True)
+    broken.write_text(json.dumps({c: ("x" if c != "value" else float("nan")) for c in store.COLUMNS}) + "\n")
     with pytest.raises(BenchError, match=r"non-numeric or non-finite values in x \(x\[x\]\)"):
         load(hand, strict=True)
     assert "x" not in set(load(hand)["run_id"])

@@ -173,6 +173,10 @@ class _CelebAFiles(Dataset):
             "Eval) into the folder given with --data-dir or BENCH_DATA_DIR."
         )
 
+    def data_files(self) -> list[Path]:
+        images = self.paths["images"]
+        return [self.paths[k] for k in ANNOTATIONS] + [images / f for f in self.annotations.files]
+
     @cached_property
     def annotations(self) -> Annotations:
         files, attributes = read_attributes(self.paths["attr"])
@@ -272,7 +276,7 @@ class CelebAIdentity(_CelebAFiles):
                 f"CelebA identities; valid: {', '.join(f'id-{i}' for i in self.identities)}"
             )
         fs = super().forget_set(f"class-{self.identities.index(number)}")
-        return ForgetSet(name, fs.forget, fs.retain, fs.anchor)
+        return ForgetSet(f"id-{number}", fs.forget, fs.retain, fs.anchor)  # id-007 is id-7
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images at `image_size` and labels; each identity's last 20% (by file name) are its test images."""

@@ -11,6 +11,7 @@ Resolution: 32x32 natively (the `paper` preset); the CPU presets (`smoke`, `defa
 
 from __future__ import annotations
 
+import _codecs
 import pickle
 from pathlib import Path
 
@@ -21,19 +22,55 @@ from bench.data.imagefolder import data_roots
 from bench.errors import BenchError
 from bench.registry import DATASETS
 
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
 FOLDER = "cifar-10-batches-py"
 FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 META = "batches.meta"
 RELEASE = 'https://www.cs.toronto.edu/~kriz/cifar.html ("CIFAR-10 python version", cifar-10-python.tar.gz)'
 
 
+# The only globals the release's pickles name (numpy arrays: _reconstruct + ndarray + dtype; Python-2 strings that
+# Python 3 re-pickled: _codecs.encode). Anything else could run code while unpickling, so it is refused.
+ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _codecs.encode,
+}
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """The pickle names a global that a CIFAR-10 batch never holds."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only ALLOWED_GLOBALS: a crafted file cannot make it call anything else."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise ForbiddenGlobal(f"{module}.{name}") from None
+
+
 def read_pickle(path: Path) -> dict[str, object]:
-    """A Python-2 pickle as a dict with str keys (its bytes keys decoded as latin-1)."""
+    """A Python-2 pickle as a dict with str keys (its bytes keys decoded as latin-1), unpickled restrictedly."""
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = CifarUnpickler(f, encoding="bytes").load()
     except FileNotFoundError as e:
         raise BenchError(f"CIFAR-10 file {path} is missing; extract {RELEASE} again") from e
+    except ForbiddenGlobal as e:
+        raise BenchError(
+            f"CIFAR-10 file {path} refers to {e}, which no CIFAR-10 file holds (only numpy arrays, lists, numbers "
+            f"and strings): refused to unpickle it, since such a file can run code when loaded. Do not use this "
+            f"folder; delete the file and extract {RELEASE} again"
+        ) from e
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError,
             IndexError, KeyError, MemoryError) as e:  # fmt: skip
         raise BenchError(f"cannot unpickle CIFAR-10 file {path} (corrupted or truncated?): {e!r}") from e
@@ -85,6 +122,10 @@ class CIFAR10(Dataset):
             f"{f' (first missing: {missing})' if missing else ''}. Download {RELEASE} and extract it into the "
             "folder given with --data-dir or BENCH_DATA_DIR."
         )
+
+    def data_files(self) -> list[Path]:
+        folder = self.folder()
+        return [folder / META, *(folder / f for split in FILES.values() for f in split)]
 
     def check(self) -> None:
         """Every file present and readable (a second for the real release): a broken one fails before any run."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from bench.api import Dataset
 from bench.data.idx import read_idx
+from bench.data.imagefolder import data_root, data_roots
 from bench.errors import BenchError
 from bench.registry import DATASETS
 
@@ -29,36 +30,49 @@ class FashionMNIST(Dataset):
     native_size = 28
 
     def candidates(self) -> list[Path]:
-        roots = [self.data_dir] if self.data_dir else []
-        if os.environ.get("BENCH_DATA_DIR"):
-            roots.append(Path(os.environ["BENCH_DATA_DIR"]))
-        dirs = [d for r in roots for d in (r / "fashion-mnist", r)]
-        return [*dirs, DEBIAN_DIR]
+        """The user's data folder (authoritative when given: no fall-back), else the Debian package's."""
+        roots = data_roots(self.data_dir, "fashion-mnist")
+        return roots if data_root(self.data_dir) else [DEBIAN_DIR]
 
-    def _find(self, stem: str) -> Path:
+    @cached_property
+    def files(self) -> dict[str, Path]:
+        """The four IDX files, all from one folder (never one split here and the other there)."""
+        names = [stem for stems in FILES.values() for stem in stems]
         for d in self.candidates():
-            for name in (stem + ".gz", stem):
-                if (d / name).is_file():
-                    return d / name
-        wanted = ", ".join(f + ".gz" for pair in FILES.values() for f in pair)
+            found = {
+                stem: next((d / n for n in (stem + ".gz", stem) if (d / n).is_file()), None) for stem in names
+            }
+            if all(found.values()):
+                return found
+            if any(found.values()):
+                lacks = ", ".join(f"{stem}(.gz)" for stem, f in found.items() if f is None)
+                raise BenchError(
+                    f"Fashion-MNIST folder {d} lacks {lacks}: all four IDX files must be in one folder"
+                )
+        wanted = ", ".join(n + ".gz" for n in names)
         raise BenchError(
-            f"Fashion-MNIST file {stem}(.gz) not found in {', '.join(map(str, self.candidates()))}. "
+            f"Fashion-MNIST not found in {', '.join(map(str, self.candidates()))}. "
             f"Expected the four IDX files ({wanted}). As root: `apt-get install dataset-fashion-mnist` "
             f"(puts them in {DEBIAN_DIR}); or download them from github.com/zalandoresearch/fashion-mnist "
             "into a folder given with --data-dir or BENCH_DATA_DIR."
         )
 
+    def data_files(self) -> list[Path]:
+        return list(self.files.values())
+
     def check(self) -> None:
-        for stems in FILES.values():
-            for stem in stems:
-                self._find(stem)
+        """Read and check both splits (a second): a broken or mismatched file fails before any run starts."""
+        for split in FILES:
+            self.load_split(split)
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        images_stem, labels_stem = FILES[split]
-        images, labels = read_idx(self._find(images_stem)), read_idx(self._find(labels_stem))
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        images_path, labels_path = (self.files[stem] for stem in FILES[split])
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
             raise BenchError(
-                f"Fashion-MNIST {split} files disagree: images {images.shape} vs labels {labels.shape} "
-                f"({self._find(images_stem)}, {self._find(labels_stem)})"
+                f"Fashion-MNIST {split} files disagree: images {images.shape} vs labels {labels.shape}, expected "
+                f"(N, 28, 28) and (N,) ({images_path}, {labels_path})"
             )
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise BenchError(f"Fashion-MNIST labels in {labels_path} lie outside 0..{self.num_classes - 1}")
         return images[..., None], labels.astype(np.int64)

@@ -35,12 +35,24 @@ TEST_FRACTION = 0.1
 Box = tuple[float, float, float, float]
 
 
+def data_root(data_dir: Path | None) -> Path | None:
+    """The folder the user named for the data: --data-dir, else BENCH_DATA_DIR, else None. It is authoritative:
+    data is read from it or not at all, so a missing folder is an error, never a fall-back elsewhere."""
+    root, flag = (
+        (data_dir, "--data-dir") if data_dir else (os.environ.get("BENCH_DATA_DIR"), "BENCH_DATA_DIR")
+    )
+    if not root:
+        return None
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise BenchError(f"{flag} {root}: {'not a folder' if root.exists() else 'no such folder'}")
+    return root
+
+
 def data_roots(data_dir: Path | None, subdir: str) -> list[Path]:
-    """Where a dataset may live: --data-dir, then BENCH_DATA_DIR, each as <root>/<subdir> or <root> itself."""
-    roots = [data_dir] if data_dir else []
-    if os.environ.get("BENCH_DATA_DIR"):
-        roots.append(Path(os.environ["BENCH_DATA_DIR"]))
-    return [d for r in roots for d in (Path(r) / subdir, Path(r))]
+    """Where a dataset may live inside the user's data folder (data_root): <root>/<subdir>, or <root> itself."""
+    root = data_root(data_dir)
+    return [root / subdir, root] if root else []
 
 
 def center_square(width: int, height: int) -> Box:
@@ -196,6 +208,9 @@ class ImageFolder(Dataset):
         files = [f for split in self._layout["files"].values() for f, _ in split]
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.root.name)
         return f"imagefolder-{slug}-{fingerprint(files)[:8]}"
+
+    def data_files(self) -> list[Path]:
+        return [f for split in self._layout["files"].values() for f, _ in split]
 
     def check(self) -> None:
         """Layout, headers and both splits decoded into the cache: a broken file fails before any run."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -14,12 +13,18 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from bench.errors import BenchError
+from bench.files import check_digests, digests, sha256, share, unlisted
 from bench.models.judge import JudgeCNN
 from bench.presets import Preset, get_preset
-from bench.sampling import DiffusionModel, load_sampler
+from bench.sampling import DiffusionModel, Sampler, load_sampler
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "models"
 MANIFEST = "MANIFEST.json"
+# Files a store folder may hold beside those its manifest lists: the manifest, lock files (locked()), and the
+# teacher's training state, which pretrain() deletes right after writing the manifest (a kill can leave it).
+UNLISTED = (MANIFEST, ".*.lock", "teacher_state.pt", "teacher_state.pt.json")
+# A judge trained alone (for an external teacher, no manifest yet) records its files' checksums here.
+JUDGE_CHECKSUMS = "checksums.json"
 
 
 def user_store() -> Path:
@@ -68,19 +73,9 @@ def find_models(dataset: str, preset_key: str, seed: int) -> Path | None:
     return None
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(directory: Path, **info) -> None:
-    files = sorted(
-        p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".pt")
-    )
-    info["files"] = {str(p.relative_to(directory)): sha256(p) for p in files}
+    """MANIFEST.json: `info` and the checksum of every file in the folder (all but UNLISTED)."""
+    info["files"] = digests(directory, exclude=UNLISTED)
     (directory / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -92,17 +87,29 @@ def read_manifest(directory: Path) -> dict:
 
 
 def verify(directory: Path) -> dict:
-    """Check every file against the manifest's checksums; name the first that differs."""
+    """Check every file against the manifest's checksums, and that the folder holds no file the manifest does not
+    list (beside UNLISTED); name the first that differs."""
     manifest = read_manifest(directory)
+    record = directory / MANIFEST
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise BenchError(
+            f'{record} lists no "files" with their checksums (truncated or edited): restore it, or delete the '
+            f"folder {directory} and rerun the `command` in that manifest (bench pretrain) to make it again"
+        )
+    remedy = "restore it or rerun the `command` in that manifest"
     for rel, digest in manifest["files"].items():
         path = directory / rel
         if not path.is_file():
-            raise BenchError(f"model file {path} listed in {directory / MANIFEST} is missing")
+            raise BenchError(f"model file {path} listed in {record} is missing; {remedy}")
         if sha256(path) != digest:
             raise BenchError(
-                f"model file {path} does not match its checksum in {directory / MANIFEST}: "
-                "truncated or modified; restore it or rerun the `command` in that manifest"
+                f"model file {path} does not match its checksum in {record}: truncated or modified; {remedy}"
             )
+    for path in unlisted(directory, manifest["files"], UNLISTED):
+        raise BenchError(
+            f"model file {path} is not listed in {record}, so it is not checked: remove it (nothing the harness "
+            "wrote is missing from the manifest), or rerun the `command` in that manifest"
+        )
     return manifest
 
 
@@ -112,9 +119,32 @@ def save_judge(judge: JudgeCNN, directory: Path, *, widths: tuple[int, ...]) -> 
            "num_classes": judge.head.out_features, "widths": list(widths)}  # fmt: skip
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, directory / "model.safetensors")
+    share(directory / "model.safetensors")
+
+
+def write_judge_checksums(directory: Path) -> None:
+    """Record the checksums of a judge folder's files (for a judge outside a manifest's store folder)."""
+    checks = digests(directory, exclude=[JUDGE_CHECKSUMS])
+    (directory / JUDGE_CHECKSUMS).write_text(json.dumps({"files": checks}, indent=2) + "\n")
+
+
+def verify_judge(directory: Path) -> None:
+    """Check a judge folder against its own checksums.json (a judge trained alone by the runner)."""
+    record = directory / JUDGE_CHECKSUMS
+    try:
+        recorded = json.loads(record.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BenchError(
+            f"cannot read the judge's checksums {record} ({e!r}): delete the folder {directory} and the next run "
+            "trains the judge again"
+        ) from e
+    check_digests(directory, recorded, record=record, allow=(JUDGE_CHECKSUMS,),
+                  remedy=f"delete the folder {directory} and the next run trains the judge again")  # fmt: skip
 
 
 def load_judge(directory: Path) -> JudgeCNN:
+    if (directory / JUDGE_CHECKSUMS).is_file():
+        verify_judge(directory)
     try:
         cfg = json.loads((directory / "config.json").read_text())
         judge = JudgeCNN(
@@ -124,6 +154,30 @@ def load_judge(directory: Path) -> JudgeCNN:
     except Exception as e:
         raise BenchError(f"cannot load the judge in {directory}: {e}") from e
     return judge.eval()
+
+
+# In a run's model/ folder: the unlearning seconds and the checksums of the saved files.
+RUN_RECORD = "unlearn.json"
+
+
+def save_run_model(model: Sampler, directory: Path, *, unlearn_s: float) -> None:
+    """Save a run's unlearned model and its record: the unlearning time and every saved file's sha256."""
+    model.save(directory)
+    record = {"unlearn_s": unlearn_s, "files": digests(directory, exclude=[RUN_RECORD])}
+    (directory / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def load_run_model(directory: Path) -> tuple[Sampler, float]:
+    """A run's saved model (checked against the checksums in its unlearn.json) and its unlearning seconds."""
+    record_path = directory / RUN_RECORD
+    remedy = "rerun the run with --force (it unlearns again)"
+    try:
+        record = json.loads(record_path.read_text())
+        unlearn_s = float(record["unlearn_s"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise BenchError(f"cannot read the run model's record {record_path} ({e!r}): {remedy}") from e
+    check_digests(directory, record.get("files"), record=record_path, remedy=remedy, allow=(RUN_RECORD,))
+    return load_sampler(directory), unlearn_s
 
 
 def load_teacher(directory: Path) -> DiffusionModel:
