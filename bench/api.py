@@ -225,7 +225,7 @@ POSITIVE = Range(0, None, low_open=True)  # learning rates, batch sizes, iterati
 NON_NEGATIVE = Range(0)  # loss weights, clipping thresholds (0 = off where the method says so)
 FRACTION = Range(0, 1)  # probabilities and ratios
 DECAY = Range(0, 1, high_open=True)  # EMA decay and Adam betas: 1 would never move
-TIMESTEP = Range(0, 1000)  # DDPM timesteps of the T = 1000 schedule every teacher uses
+TIMESTEP = Range(0, 999)  # a DDPM timestep (an index) of the T = 1000 schedule every teacher uses
 
 
 def param(default, source: str, valid: Range | tuple[str, ...] | None = None):

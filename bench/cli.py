@@ -142,7 +142,8 @@ def cmd_ls(args) -> None:
     print(f"methods:\n  {'name':<12} {'real data':<20} paper")
     for name in METHODS:
         cls = METHODS.get(name)
-        print(f"  {name:<12} {reads[frozenset(cls.requires)]:<20} {'(oracle) ' if cls.oracle else ''}{cls.paper}")
+        oracle = "(oracle) " if cls.oracle else ""
+        print(f"  {name:<12} {reads[frozenset(cls.requires)]:<20} {oracle}{cls.paper}")
     print("datasets (forget sets):")
     for name in DATASETS:
         ds = DATASETS.get(name)()

@@ -79,7 +79,8 @@ def run_one(spec: RunSpec, results: Path, runtime: Runtime, *, reraise: bool) ->
             log.warning("%s is being executed by another process; leaving it to that one", spec.run_id)
             return "busy"
         # Only the lock's holder says who runs the run: a process that finds it busy never touches job.json.
-        _record(results, spec, holder=True, **{**_read_job(d), **_me(), "started": _now()})
+        job = {k: v for k, v in _read_job(d).items() if k != "ended"}
+        _record(results, spec, holder=True, **{**job, **_me(), "started": _now()})
         removed = store.remove_temporaries(d)
         if removed:
             log.info("%s: removed %d files an interrupted attempt left: %s", spec.run_id, len(removed),
@@ -99,6 +100,8 @@ def run_one(spec: RunSpec, results: Path, runtime: Runtime, *, reraise: bool) ->
             if reraise:
                 raise
             return "failed"
+        finally:  # this process no longer runs it, whatever it goes on to do
+            _record(results, spec, holder=True, **{**_read_job(d), "ended": _now()})
     return "done"
 
 
@@ -194,7 +197,7 @@ def _active(job: dict, queue: dict[str, str]) -> tuple[str, str] | None:
         if not state and age < SUBMIT_GRACE_S:
             return "pending", f"SLURM job {job['job_id']} submitted {age:.0f}s ago"
         return None
-    if _alive(job):
+    if _alive(job) and not job.get("ended"):
         if job.get("started"):
             return "running", f"{job['launcher']} process {job['pid']}"
         return "pending", f"queued in {job['launcher']} process {job['pid']}"

@@ -31,7 +31,8 @@ from benchmarks.common import OUT, markdown, publish
 from evaluators.fid import FID
 from evaluators.forget_accuracy import ForgetAccuracy
 
-METHODS_TIMED = ("sfd", "finetune", "esd", "esd-new", "sa", "salun")  # every unlearning method but the oracle
+# Every unlearning method but the oracle (and the `sid` control).
+METHODS_TIMED = ("sfd", "finetune", "esd", "esd-new", "sa", "salun", "sfron", "ga", "rl", "erasediff")
 DATASET, FORGET_SET = "fashion-mnist", "class-0"
 
 

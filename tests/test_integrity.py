@@ -22,8 +22,8 @@ from bench.config import RunSpec
 from bench.context import Runtime
 from bench.data.cifar10 import CIFAR10, read_batch, read_pickle
 from bench.errors import BenchError
-from bench.files import sha256, share
 from bench.models import store as model_store
+from bench.models.store import sha256
 from bench.registry import EVALUATORS
 from bench.runner import execute
 from tests.fixtures_real import py2_pickle, write_cifar10
@@ -64,7 +64,8 @@ def test_cifar10_payload_in_batches_meta_is_refused_and_never_runs(tmp_path, pro
     (d / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
     for attempt in (CIFAR10(data_dir=tmp_path).check, lambda: CIFAR10(data_dir=tmp_path).load_split("train")):
         with pytest.raises(
-            BenchError, match=r"batches\.meta refers to (__builtin__|builtins)\.eval.*refused.*delete the file"
+            BenchError,
+            match=r"batches\.meta refers to (__builtin__|builtins)\.eval.*refused.*delete the file",
         ):
             attempt()
     assert not marker.exists()
@@ -199,18 +200,18 @@ def test_non_finite_images_or_features_raise_before_any_linear_algebra():
         frechet_from_features(feats, bad)
 
 
-def test_diverged_method_fails_its_run_clearly_and_the_sweep_goes_on(tmp_path, fmnist_dir):
+def test_diverged_method_fails_its_run_clearly_and_the_sweep_goes_on(tmp_path, fmnist_dir, monkeypatch):
+    from bench.cli import main
+
     results = tmp_path / "results"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_MODEL_DIR": str(tmp_path / "models"),
            "BENCH_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}  # fmt: skip
     env.pop("BENCH_DATA_DIR", None)
 
-    def run(methods: str) -> subprocess.CompletedProcess:
-        argv = [sys.executable, "-m", "bench", "run", "--methods", methods, "--preset", "smoke", "--set",
-                "sfd.lr_generator=1e30", "--results", str(results), "--data-dir", str(fmnist_dir.parent)]  # fmt: skip
-        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-    first = run("sfd,original")
+    common = ["--preset", "smoke", "--set", "sfd.lr_generator=1e30", "--results", str(results),
+              "--data-dir", str(fmnist_dir.parent)]  # fmt: skip
+    argv = [sys.executable, "-m", "bench", "run", "--methods", "sfd,original", *common]
+    first = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 2, first.stderr[-3000:]  # not 139 (SIGSEGV in MKL)
     runs = {p.name.split("-")[0]: p for p in (results / "runs").iterdir()}
     assert store.is_done(runs["original"]) and not store.is_done(runs["sfd"])
@@ -218,8 +219,14 @@ def test_diverged_method_fails_its_run_clearly_and_the_sweep_goes_on(tmp_path, f
     assert "BenchError: the model produced non-finite images" in error and "diverged" in error
     assert "sfd" in first.stderr + first.stdout
 
-    again = run("sfd")  # the model was saved before sampling: the rerun fails the same clear way
-    assert again.returncode == 2, again.stderr[-3000:]
+    # The model was saved before sampling: the rerun fails the same clear way (in this process now that it is known
+    # not to crash).
+    assert (runs["sfd"] / "model" / "unlearn.json").is_file()
+    (runs["sfd"] / "error.txt").unlink()
+    for key in ("BENCH_MODEL_DIR", "BENCH_CACHE_DIR"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
+    assert main(["run", "--methods", "sfd", *common]) == 2
     assert "the model produced non-finite images" in (runs["sfd"] / "error.txt").read_text()
 
 
@@ -441,6 +448,8 @@ def modes(root: Path) -> dict[str, str]:
 
 def test_share_follows_the_umask(tmp_path):
     from safetensors.torch import save_file
+
+    from bench.files import share
 
     old = os.umask(0o007)
     try:
