@@ -189,6 +189,14 @@ class Method(ABC):
     def unlearn(self, teacher: Sampler, forget_set: ForgetSet, ctx: RunContext) -> Sampler:
         """Return the unlearned model; everything outside the model comes through ctx."""
 
+    def prepared(self, teacher: Sampler) -> bool:
+        """Whether what the method caches per teacher (SA's replay and Fisher) is in the model store already."""
+        return True
+
+    def prepare(self, teacher: Sampler, ctx: RunContext) -> None:
+        """Compute and cache it: on SLURM a job of its own does this once before the runs that need it (which then
+        load it from the cache), so no array task waits on another's lock."""
+
     @classmethod
     def card(cls) -> dict[str, Any]:
         return {

@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--out", type=Path, default=None, help="model store root (default: ~/.cache/unlearn-bench/models)"
     )
+    pre.add_argument("--launcher", default="inline", choices=["inline", "slurm"],
+                     help="inline: here; slurm: a job of its own, requeued and resumed on a time limit")  # fmt: skip
+    pre.add_argument(
+        "--cluster", default=None, help="slurm/NAME.toml preset (or a .toml path) for --launcher slurm"
+    )
+    pre.add_argument("--set", dest="sets", action="append", default=[], metavar="slurm.KEY=VALUE",
+                     help="override the cluster preset")  # fmt: skip
+    pre.add_argument("--wait", action="store_true", help="slurm: wait for the job to end")
     _runtime_args(pre)
     perf = sub.add_parser("perf", help="performance benchmarks (JSON under results/benchmarks/)")
     from benchmarks import BENCHMARKS
@@ -306,25 +314,38 @@ def cmd_status(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    import torch
+    from bench.models.store import user_store
+    from bench.pretrain import pretrain_named
 
-    from bench.context import Runtime
-    from bench.data import make_dataset
-    from bench.models.store import recipe_preset, user_store
-    from bench.presets import get_preset
-    from bench.pretrain import pretrain
+    out_root = (args.out or user_store()).expanduser().resolve()
+    kwargs = {"dataset": args.dataset, "preset": args.preset, "seed": args.seed, "out_root": out_root,
+              "data_dir": args.data_dir.resolve() if args.data_dir else None, "device": args.device, "amp": args.amp}  # fmt: skip
+    if args.launcher == "slurm":
+        import submitit
 
-    dataset = make_dataset(
-        args.dataset, data_dir=args.data_dir, image_size=get_preset(args.preset).image_size
-    )
-    preset = recipe_preset(
-        dataset.name, get_preset(args.preset), args.seed
-    )  # the models runs at it would use
-    device = Runtime(device=args.device).torch_device
-    torch.manual_seed(args.seed)
-    out = pretrain(
-        dataset, preset, seed=args.seed, out_root=args.out or user_store(), device=device, amp=args.amp
-    )
+        from bench import clusters, prerequisites
+
+        if args.cluster is None:
+            raise BenchError(f"--launcher slurm needs --cluster NAME ({', '.join(clusters.cluster_names())}) or a "
+                             ".toml path")  # fmt: skip
+        cfg = clusters.load_cluster(args.cluster, args.sets)
+        folder = out_root / "jobs"
+        job = prerequisites.submit_call(cfg, folder, "bench-pretrain", pretrain_named, kwargs)
+        print(f"submitted the pretraining as SLURM job {job.job_id} (requeued and resumed on a time limit); "
+              f"logs in {folder}")  # fmt: skip
+        if not args.wait:
+            return
+        try:
+            out = job.result()  # waits for the job, requeues included
+        except (
+            submitit.core.utils.UncompletedJobError
+        ) as e:  # failed or cancelled: its traceback is in the log
+            raise BenchError(f"SLURM job {job.job_id} did not finish: {str(e).splitlines()[0]}; log: "
+                             f"{job.paths.stderr}") from e  # fmt: skip
+    else:
+        if args.sets:
+            raise BenchError(f"--set {args.sets[0]}: slurm.* settings need --launcher slurm")
+        out = pretrain_named(**kwargs)
     print(f"teacher and judge written to {out}")
     print((out / "MANIFEST.json").read_text())
 

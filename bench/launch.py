@@ -125,11 +125,15 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         log.warning("time limit or preemption: requeueing; the run resumes from its last state dump")
-        # submitit requeues next with `scontrol requeue`, and SLURM answers by sending SIGTERM to every process of
-        # the job, scontrol included: when that arrives before scontrol exits, the requeue counts as failed and
-        # the run with it. An ignored SIGTERM is inherited by scontrol across exec (a Python handler would not be).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_sigterm_for_requeue()
         return super().checkpoint(*args, **kwargs)
+
+
+def ignore_sigterm_for_requeue() -> None:
+    """submitit requeues next with `scontrol requeue`, and SLURM answers by sending SIGTERM to every process of the
+    job, scontrol included: when that arrives before scontrol exits, the requeue counts as failed and the job with
+    it. An ignored SIGTERM is inherited by scontrol across exec (a Python handler would not be)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # Run states ------------------------------------------------------------------------------------------------
@@ -295,6 +299,7 @@ class Launched:
     folder: Path  # where submitit keeps the jobs' pickles and logs
     # final states: inline and local run to the end; for slurm, follow() waits for them
     states: dict[str, RunState] | None = None
+    prerequisites: list[str] = dataclasses.field(default_factory=list)  # jobs the array waits for (slurm)
 
 
 def _job_env() -> dict[str, str]:
@@ -391,7 +396,17 @@ def _submit_slurm(specs, results, runtime, cfg, folder) -> Launched:
     ids = [s.run_id for s in specs]
     if not specs:
         return Launched("slurm", ids, [], folder)
+    from bench import prerequisites
+
+    # Teachers, judges and methods' caches that are missing get jobs of their own, and the array waits for them.
+    needs = prerequisites.find_needs(specs, runtime)
+    after = prerequisites.submit(needs, runtime, cfg, folder)
     ex = clusters.executor(cfg, folder)
+    if after:
+        # A failed prerequisite cancels the runs waiting for it, instead of leaving them pending for ever.
+        extra = {**(cfg.get("additional") or {}), "dependency": "afterok:" + ":".join(after),
+                 "kill-on-invalid-dep": "yes"}  # fmt: skip
+        ex.update_parameters(slurm_additional_parameters=extra)
     n = len(specs)
     try:
         jobs = ex.map_array(RunJob(), specs, [str(results)] * n, [runtime] * n, [_job_env()] * n)
@@ -400,7 +415,7 @@ def _submit_slurm(specs, results, runtime, cfg, folder) -> Launched:
     for spec, job in zip(specs, jobs, strict=True):
         _record(results, spec, launcher="slurm", job_id=job.job_id, cluster=cfg["name"],
                 stdout=str(job.paths.stdout), stderr=str(job.paths.stderr))  # fmt: skip
-    return Launched("slurm", ids, [j.job_id for j in jobs], folder)
+    return Launched("slurm", ids, [j.job_id for j in jobs], folder, prerequisites=after)
 
 
 def follow(results: Path, run_ids: list[str], *, poll_s: float = 5.0) -> dict[str, RunState]:
@@ -439,5 +454,9 @@ def print_launched(launched: Launched, results: Path) -> None:
         )
         print(f"submitted {len(ids)} run{'s' * (len(ids) > 1)} as {what}; sweep folder {results}, job logs in "
               f"{launched.folder}")  # fmt: skip
+        if launched.prerequisites:
+            print(
+                f"  after the jobs that train missing models or fill caches: {', '.join(launched.prerequisites)}"
+            )
     elif launched.launcher == "local" and ids:
         print(f"ran {len(ids)} runs as local jobs {', '.join(ids)}; logs in {launched.folder}")

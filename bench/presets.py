@@ -9,11 +9,11 @@ from bench.errors import unknown
 
 @dataclass(frozen=True)
 class TeacherRecipe:
-    """A class-conditional DDPM (diffusers UNet2DModel) and how it is pretrained."""
+    """A class-conditional DDPM (bench.models.unet.BACKBONES) and how it is pretrained."""
 
     block_out_channels: tuple[int, ...]
     layers_per_block: int
-    attention: tuple[bool, ...]  # per resolution level, highest resolution first
+    attention: tuple[bool, ...]  # per resolution level, highest resolution first (diffusers-unet2d)
     norm_num_groups: int
     steps: int
     batch_size: int
@@ -22,6 +22,11 @@ class TeacherRecipe:
     ema_decay: float
     label_dropout: float = 0.1  # null-label dropout for classifier-free guidance (SA/SalUn/SFD DDPM configs)
     grad_clip: float = 1.0
+    # "diffusers-unet2d" (diffusers UNet2DModel) or "official-ddpm" (the SA/SalUn/SFD network, whose channels are
+    # block_out_channels = ch x ch_mult, whose norm_num_groups is 32, and whose attention is by resolution).
+    backbone: str = "diffusers-unet2d"
+    attn_resolutions: tuple[int, ...] = ()  # official-ddpm: resolutions (pixels) with self-attention
+    dropout: float = 0.0  # official-ddpm: residual-block dropout
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ PRESETS = {
         teacher=TeacherRecipe(
             block_out_channels=(128, 256, 256, 256), layers_per_block=2, attention=(False, True, False, False),
             norm_num_groups=32, steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+            backbone="official-ddpm", attn_resolutions=(16,), dropout=0.1,  # cifar10_train.yml model:
         ),
         judge=JudgeRecipe(widths=(64, 128, 256), epochs=30, batch_size=128, lr=1e-3),
         sampler_steps=1000, guidance=3.0, eta=1.0, eval_per_class=5000,

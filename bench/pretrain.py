@@ -157,3 +157,18 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
     )  # fmt: skip
     remove_state(out / "teacher_state.pt")
     return out
+
+
+def pretrain_named(dataset: str, preset: str, *, seed: int, out_root: Path, data_dir: Path | None = None,
+                   device: str = "cpu", amp: bool = False) -> Path:  # fmt: skip
+    """`bench pretrain` as one call, by names: also the body of its SLURM job, which a requeue calls again (the
+    teacher's training resumes from its state dump; a finished judge is loaded, not retrained)."""
+    from bench.context import Runtime
+    from bench.data import make_dataset
+    from bench.presets import get_preset
+
+    data = make_dataset(dataset, data_dir=data_dir, image_size=get_preset(preset).image_size)
+    recipe = store.recipe_preset(data.name, get_preset(preset), seed)  # the models runs at this preset use
+    torch_device = Runtime(device=device).torch_device
+    torch.manual_seed(seed)
+    return pretrain(data, recipe, seed=seed, out_root=Path(out_root), device=torch_device, amp=amp)

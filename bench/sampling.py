@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from bench.errors import BenchError
 from bench.files import share
-from bench.models.unet import noise_schedule, num_classes_of
+from bench.models.unet import load_unet, noise_schedule, num_classes_of
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -161,7 +161,7 @@ def load_sampler(directory: Path) -> Sampler:
     except (OSError, ValueError, KeyError) as e:
         raise BenchError(f"cannot read model settings {settings_file}: {e!r}") from e
     try:
-        unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True, low_cpu_mem_usage=False)
+        unet = load_unet(directory / "unet")  # the backbone its config.json names
     except Exception as e:
         raise BenchError(f"cannot load the UNet in {directory / 'unet'}: {e}") from e
     return cls(unet, **settings)

@@ -13,7 +13,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNet2DModel
 
 from bench.api import DECAY, FRACTION, POSITIVE, Method, Range, Scaled, param
 from bench.presets import PRESETS, TeacherRecipe
@@ -68,7 +67,7 @@ class Retrain(Method):
         # Same architecture as the teacher, fresh weights from the run's seed (without touching the global RNG).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=ctx.generator("retrain-init"))))
-            unet = UNet2DModel.from_config(copy.deepcopy(teacher.unet.config)).to(dev).train()
+            unet = type(teacher.unet).from_config(copy.deepcopy(teacher.unet.config)).to(dev).train()
         ema = EMA(unet, cfg.ema_decay)
         opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))

@@ -263,14 +263,29 @@ class SelectiveAmnesia(Method):
         bar.close()
         return DiffusionModel(ema.model.eval())
 
-    def _teacher_statistics(self, teacher: DiffusionModel, ctx):
-        """Replay samples of every class and the Fisher, each cached per teacher and settings in the model store."""
+    def _cache_files(self, teacher: DiffusionModel) -> tuple[Path, Path]:
+        """Where the replay samples and the Fisher of this teacher and these settings are cached."""
         cfg = self.config
         root = store.user_store() / "sa" / teacher_digest(teacher.unet)
-        k = teacher.num_classes
         sampler = (
             f"n{cfg.replay_per_class}-s{cfg.replay_steps}-w{cfg.replay_guidance:g}-eta{cfg.replay_eta:g}"
         )
+        fisher = (
+            f"fisher-{sampler}-f{cfg.fisher_per_class}-t{cfg.fisher_timesteps}-p{cfg.fisher_label_dropout:g}"
+        )
+        return root / f"replay-{sampler}.safetensors", root / f"{fisher}.safetensors"
+
+    def prepared(self, teacher):
+        return all(path.is_file() and cache_record(path).is_file() for path in self._cache_files(teacher))
+
+    def prepare(self, teacher, ctx):
+        self._teacher_statistics(teacher, ctx)
+
+    def _teacher_statistics(self, teacher: DiffusionModel, ctx):
+        """Replay samples of every class and the Fisher, each cached per teacher and settings in the model store."""
+        cfg = self.config
+        k = teacher.num_classes
+        replay_file, fisher_file = self._cache_files(teacher)
 
         def replay():
             labels = torch.arange(k).repeat_interleave(cfg.replay_per_class)
@@ -279,7 +294,7 @@ class SelectiveAmnesia(Method):
                                     eta=cfg.replay_eta, device=ctx.device, amp=ctx.amp)  # fmt: skip
             return {"images": images, "labels": labels}
 
-        samples = _cached(root / f"replay-{sampler}.safetensors", replay)
+        samples = _cached(replay_file, replay)
         x, y = samples["images"], samples["labels"]
 
         def fisher():
@@ -293,7 +308,4 @@ class SelectiveAmnesia(Method):
             bar.close()
             return out
 
-        name = (
-            f"fisher-{sampler}-f{cfg.fisher_per_class}-t{cfg.fisher_timesteps}-p{cfg.fisher_label_dropout:g}"
-        )
-        return x, y, _cached(root / f"{name}.safetensors", fisher)
+        return x, y, _cached(fisher_file, fisher)

@@ -284,3 +284,39 @@ def test_run_past_its_time_limit_is_requeued_and_finishes(long_run, tmp_path, ca
     log = Path(json.loads((d / launch.JOB).read_text())["stderr"]).read_text()
     assert "this job is timed-out" in log and "time limit or preemption: requeueing" in log
     assert rows(sweep) == rows(reference)
+
+
+def test_missing_models_and_caches_are_jobs_the_array_waits_for(env, tmp_path, capsys):
+    """A dataset without a teacher (an image folder) and a method with a per-teacher cache (SA): the sweep submits
+    the pretraining, then SA's cache after it, and the array after both; no array task trains or waits on a lock."""
+    from tests.fixtures_real import write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "images", per_class=6)
+    sweep = tmp_path / "sweep"
+    args = ["run", "--methods", "original,sa", "--datasets", f"imagefolder:{folder}", "--preset", "smoke",
+            "--results", str(sweep), "--launcher", "slurm", "--cluster", "local"]  # fmt: skip
+    assert main([*args, "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "after the jobs that train missing models or fill caches:" in out
+    pre = out.split("after the jobs that train missing models or fill caches:")[1].split()[0:2]
+    pre = [p.strip(",") for p in pre]
+    assert len(pre) == 2  # the teacher and judge, then SA's replay and Fisher
+    deps = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(pre)],
+                          capture_output=True, text=True).stdout  # fmt: skip
+    assert deps.count("COMPLETED") == 2, deps
+    for d in (sweep / "runs").iterdir():
+        log = Path(json.loads((d / launch.JOB).read_text())["stderr"]).read_text()
+        assert "training them now" not in log and "sa fisher" not in log  # the runs only loaded
+    assert main([*args, "--dry-run"]) == 0 and "2 runs, 0 to do" in capsys.readouterr().out
+
+
+def test_pretrain_on_slurm_is_a_job_of_its_own(env, tmp_path, capsys):
+    from tests.fixtures_real import write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "images", per_class=6)
+    store_root = tmp_path / "store"
+    assert main(["pretrain", "--dataset", f"imagefolder:{folder}", "--preset", "smoke", "--out", str(store_root),
+                 "--launcher", "slurm", "--cluster", "local", "--wait"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "submitted the pretraining as SLURM job" in out and "teacher and judge written to" in out
+    assert list(store_root.rglob("MANIFEST.json"))

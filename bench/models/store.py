@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from bench.errors import BenchError
 from bench.files import check_digests, digests, sha256, share, unlisted
 from bench.models.judge import JudgeCNN
+from bench.models.unet import UNET_CLASSES, config_num_classes, load_unet
 from bench.presets import Preset, get_preset
 from bench.sampling import DiffusionModel, Sampler, load_sampler
 
@@ -217,18 +218,17 @@ def check_external_teacher(
     """Check an external teacher's config against the dataset (no weights are read); return its UNet folder."""
     unet_dir = external_unet_dir(path)
     cfg = _read_config(unet_dir / "config.json")
-    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise BenchError(
-            f"--teacher {path}: {unet_dir} holds a {cfg['_class_name']}; the harness needs a UNet2DModel"
-        )
+    if cfg.get("_class_name", "UNet2DModel") not in UNET_CLASSES:
+        raise BenchError(f"--teacher {path}: {unet_dir} holds a {cfg['_class_name']}; the harness needs one of "
+                         f"{', '.join(UNET_CLASSES)}")  # fmt: skip
     if not any(unet_dir.glob("*.safetensors")):
         raise BenchError(
             f"--teacher {path}: no .safetensors weights in {unet_dir} (save with safe_serialization=True)"
         )
     size = cfg.get("sample_size")
     size = size[0] if isinstance(size, list | tuple) and len(set(size)) == 1 else size
-    embeds = cfg.get("num_class_embeds") if cfg.get("class_embed_type") is None else None
-    got = (cfg.get("in_channels"), cfg.get("out_channels"), size, embeds)
+    classes = config_num_classes(cfg)  # the null class is one more embedding (the official null vector)
+    got = (cfg.get("in_channels"), cfg.get("out_channels"), size, None if classes is None else classes + 1)
     want = (channels, channels, image_size, num_classes + 1)
     if got != want:
         raise BenchError(
@@ -253,13 +253,12 @@ def check_external_teacher(
 def load_external_teacher(
     path: Path, *, dataset: str, image_size: int, channels: int, num_classes: int
 ) -> DiffusionModel:
-    """An external class-conditional diffusers UNet2DModel as the teacher, checked against the dataset."""
-    from diffusers import UNet2DModel
-
+    """An external class-conditional teacher (a diffusers UNet2DModel, or the official DDPM as `bench import-teacher`
+    writes it), checked against the dataset."""
     unet_dir = check_external_teacher(path, dataset=dataset, image_size=image_size, channels=channels,
                                       num_classes=num_classes)  # fmt: skip
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
+        unet = load_unet(unet_dir)
     except Exception as e:
         raise BenchError(f"--teacher {path}: cannot load the UNet in {unet_dir}: {e}") from e
     unet.register_to_config(sample_size=image_size)  # a square [s, s] becomes s, as the samplers expect
