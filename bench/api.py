@@ -178,6 +178,9 @@ class Method(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()  # real data it reads: {"forget", "retain"}
     scaled: ClassVar[dict[str, Scaled]] = {}  # preset name -> budget scaling
     oracle: ClassVar[bool] = False
+    # Whether unlearn() splits its global batch over the ranks of a multi-process run (ctx.world, see
+    # bench/distributed.py); a method that does not is run by rank 0 alone.
+    data_parallel: ClassVar[bool] = False
 
     def __init__(self, config):
         self.config = config

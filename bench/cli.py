@@ -132,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the cluster preset")  # fmt: skip
     pre.add_argument("--wait", action="store_true", help="slurm: wait for the job to end")
     _runtime_args(pre)
+    imp = sub.add_parser("import-teacher", help="an official SA/SalUn/SFD DDPM checkpoint (ckpt.pth + config.yml) "
+                         "as a teacher folder for --teacher")  # fmt: skip
+    imp.add_argument(
+        "ckpt", type=Path, help="the official ckpt.pth (read with torch.load(weights_only=True))"
+    )
+    imp.add_argument(
+        "--config", type=Path, required=True, help="the run's config.yml (as configs/cifar10_train.yml)"
+    )
+    imp.add_argument(
+        "--out", type=Path, required=True, help="teacher folder to write (EMA weights, raw/ the raw ones)"
+    )
     perf = sub.add_parser("perf", help="performance benchmarks (JSON under results/benchmarks/)")
     from benchmarks import BENCHMARKS
 
@@ -350,6 +361,22 @@ def cmd_pretrain(args) -> None:
     print((out / "MANIFEST.json").read_text())
 
 
+def cmd_import_teacher(args) -> None:
+    import shlex
+
+    from bench.models.import_official import import_teacher
+
+    argv = [str(args.ckpt), "--config", str(args.config), "--out", str(args.out)]
+    record = import_teacher(
+        args.ckpt, config=args.config, out=args.out, command=f"bench import-teacher {shlex.join(argv)}"
+    )
+    ck = record["checkpoint"]
+    print(f"teacher written to {args.out}: {record['weights']} weights of {ck['path']} (step {ck['step']}, sha256 "
+          f"{ck['sha256'][:12]}); raw weights in {args.out / record['raw_weights']}; record "
+          f"{args.out / 'import.json'}")  # fmt: skip
+    print(f"use it with: bench run --teacher {shlex.quote(str(args.out))} ...")
+
+
 def cmd_perf(args) -> None:
     import importlib
 
@@ -389,6 +416,7 @@ COMMANDS = {
     "status": cmd_status,
     "report": cmd_report,
     "perf": cmd_perf,
+    "import-teacher": cmd_import_teacher,
 }
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from bench import distributed
 from bench.api import Dataset, ForgetSet
 from bench.errors import BenchError
 from bench.presets import Preset
@@ -81,6 +82,8 @@ class RunContext:
     # This attempt's seconds in the harness's services (logs, state dumps, data) and in probes (not in elapsed()).
     service_s: float = 0.0
     probe_s: float = 0.0
+    # This process's rank among the run's data-parallel processes (bench/distributed.py): only rank 0 writes.
+    world: distributed.World = field(default_factory=distributed.current)
 
     @property
     def device(self) -> torch.device:
@@ -99,7 +102,7 @@ class RunContext:
 
     def progress(self, total: int, desc: str, initial: int = 0):
         return tqdm(total=total, initial=initial, desc=desc, unit="step", mininterval=2,
-                    disable=not self.runtime.progress, leave=False)  # fmt: skip
+                    disable=not self.runtime.progress or not self.world.is_main, leave=False)  # fmt: skip
 
     @contextmanager
     def _service(self):
@@ -110,13 +113,15 @@ class RunContext:
             self.service_s += time.perf_counter() - t0
 
     def log(self, step: int, **scalars: float) -> None:
+        if not self.world.is_main:
+            return
         with self._service(), open(self.run_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
     def probe(self, step: int, model: Callable[[], Sampler]) -> None:
         """Show the model after `step` to the runtime's probe, if any (`model` builds the sampler only then)."""
         every = self.runtime.probe_every
-        if self.runtime.probe is None or every <= 0 or step % every:
+        if self.runtime.probe is None or every <= 0 or step % every or not self.world.is_main:
             return
         if self.device.type == "cuda":  # the clock must include the work queued on the GPU
             torch.cuda.synchronize(self.device)
@@ -136,6 +141,9 @@ class RunContext:
         return step % self.runtime.checkpoint_every == 0
 
     def save_state(self, state: dict) -> None:
+        """Dump a resumable state (rank 0 writes it; the ranks hold the same state, and all read it back)."""
+        if not self.world.is_main:
+            return
         with self._service():
             extra = {"_generators": {k: g.get_state() for k, g in self._generators.items()},
                      "_elapsed": self.elapsed()}  # fmt: skip
@@ -161,7 +169,7 @@ class RunContext:
 
     def _truncate_log(self, step: int) -> None:
         path = self.run_dir / "train_log.jsonl"
-        if not path.is_file():
+        if not self.world.is_main or not path.is_file():
             return
         kept = []
         for line in path.read_text(errors="replace").splitlines():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bench.api import Dataset
+from bench.distributed import SINGLE, World
 from bench.models import store
 from bench.models.judge import JudgeCNN, judge_probs
 from bench.models.unet import build_unet
@@ -33,9 +34,10 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train_judge(
-    dataset: Dataset, preset: Preset, *, seed: int, device: torch.device
+    dataset: Dataset, preset: Preset, *, seed: int, device: torch.device, state_path: Path | None = None
 ) -> tuple[JudgeCNN, float]:
-    """Train the judge on the train split; return it with its accuracy on the real test split."""
+    """Train the judge on the train split; return it with its accuracy on the real test split. With `state_path`
+    it dumps its state after every epoch and resumes from it (a requeued pretraining job loses at most one)."""
     recipe = preset.judge
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -48,8 +50,21 @@ def train_judge(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch
     )
-    bar = tqdm(total=recipe.epochs * steps_per_epoch, desc="judge", unit="step", mininterval=2)
-    for _ in range(recipe.epochs):
+    first = 0
+    if state_path is not None and state_path.is_file():
+        state = load_state(state_path)
+        judge.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        g.set_state(state["rng"])
+        first = state["epoch"]
+        log.info("resuming judge training at epoch %d from %s", first, state_path)
+    bar = tqdm(total=recipe.epochs * steps_per_epoch, initial=first * steps_per_epoch, desc="judge", unit="step",
+               mininterval=2)  # fmt: skip
+    for epoch in range(first, recipe.epochs):
+        if state_path is not None and epoch > first:
+            save_state(state_path, {"model": judge.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                    "rng": g.get_state(), "epoch": epoch})  # fmt: skip
         judge.train()
         perm = torch.randperm(len(x), generator=g)
         for i in range(steps_per_epoch):
@@ -70,9 +85,13 @@ def train_judge(
 
 
 def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.device, state_path: Path,
-                  checkpoint_every: int = 250, amp: bool = False) -> DiffusionModel:  # fmt: skip
-    """DDPM training (epsilon MSE, null-label dropout for guidance, EMA); resumes from `state_path`."""
+                  checkpoint_every: int = 250, amp: bool = False, world: World = SINGLE) -> DiffusionModel:  # fmt: skip
+    """DDPM training (epsilon MSE, null-label dropout for guidance, EMA); resumes from `state_path`.
+
+    Data-parallel over the ranks of `world`: each draws the global batch and takes its slice, the gradients are
+    averaged before clipping, and rank 0 alone writes the state dumps; the weights do not depend on the split."""
     recipe = preset.teacher
+    world.check_batch(recipe.batch_size, "the teacher's batch size")
     torch.manual_seed(seed)  # the initial weights depend on the seed alone, not on what ran before
     unet = build_unet(recipe, image_size=dataset.image_size, channels=dataset.channels,
                       num_classes=dataset.num_classes).to(device)  # fmt: skip
@@ -92,22 +111,24 @@ def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.
         log.info("resuming teacher training at step %d from %s", start, state_path)
     x, y = dataset.images("train")
     null = dataset.num_classes
-    bar = tqdm(total=recipe.steps, initial=start, desc="teacher", unit="step", mininterval=2)
+    bar = tqdm(total=recipe.steps, initial=start, desc="teacher", unit="step", mininterval=2,
+               disable=not world.is_main)  # fmt: skip
     unet.train()
     for step in range(start, recipe.steps):
         idx = torch.randint(len(x), (recipe.batch_size,), generator=g)
         x0, labels = x[idx], y[idx].clone()
         labels[torch.rand(len(labels), generator=g) < recipe.label_dropout] = null
-        loss = ddpm_loss(unet, x0, labels, g, device=device, amp=amp)
+        loss = ddpm_loss(unet, x0, labels, g, device=device, amp=amp, shard=world.shard)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        world.average_gradients(unet)
         torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe.grad_clip)
         opt.step()
         sched.step()
         ema.update(unet)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps:
+        if ((step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps) and world.is_main:
             save_state(state_path, {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                     "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1})  # fmt: skip
     bar.close()
@@ -136,8 +157,9 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
         xt, yt = dataset.images("test")
         judge_acc = (judge_probs(judge, xt, device=device).argmax(-1) == yt).float().mean().item()
     else:
-        judge, judge_acc = train_judge(dataset, preset, seed=seed, device=device)
+        judge, judge_acc = train_judge(dataset, preset, seed=seed, device=device, state_path=out / "judge_state.pt")
         store.save_judge(judge, judge_dir, widths=preset.judge.widths)
+        remove_state(out / "judge_state.pt")
     log.info("judge test accuracy %.4f", judge_acc)
     teacher = train_teacher(
         dataset, preset, seed=seed, device=device, state_path=out / "teacher_state.pt", amp=amp

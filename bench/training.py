@@ -97,16 +97,19 @@ def load_state(path: Path, *, remedy: str = "") -> dict:
 
 
 def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator, *, device: torch.device,
-              amp: bool = False, reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+              amp: bool = False, reduction: str = "mean", shard=None) -> torch.Tensor:  # fmt: skip
     """The DDPM denoising loss ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t, c)||^2, t ~ U{0..999}.
 
-    Randomness (t, eps) comes from the CPU generator `g`, so a run is reproducible and resumable.
+    Randomness (t, eps) comes from the CPU generator `g`, so a run is reproducible and resumable. `shard`
+    (a data-parallel World's shard) takes this rank's slice of the global batch after all of it is drawn.
     """
     from bench.models.unet import noise_schedule
 
     abar = noise_schedule().alphas_cumprod
     t = torch.randint(len(abar), (len(x0),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
+    if shard is not None:
+        x0, labels, t, noise = shard(x0), shard(labels), shard(t), shard(noise)
     a = abar[t].view(-1, 1, 1, 1)
     x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -45,7 +45,8 @@ OLD = "ESD train-scripts/train-esd.py"
 NEW = "ESD esd_sd.py"
 TRAIN_METHODS = ("esd-u", "esd-x", "full")
 # Where the label enters (the cross-attention analogue), in a UNet2DModel and in the official DDPM network.
-CONDITIONING = ("class_embedding", "time_emb_proj", "classes_emb", "null_classes_emb", "cemb", "temb_cemb_proj")
+CONDITIONING = ("class_embedding", "time_emb_proj",
+                "classes_emb", "null_classes_emb", "cemb", "temb_cemb_proj")  # fmt: skip
 # noxattn also skips time_embed and out. (UNet2DModel names, then the official DDPM's).
 NOT_IN_ESD_U = ("time_embedding", "conv_norm_out", "conv_out", "temb", "norm_out")
 

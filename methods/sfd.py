@@ -132,6 +132,10 @@ class Draw:
         t = torch.randint(cfg.t_min, cfg.t_max, (n,), generator=g)
         return cls(z.to(device), eps.to(device), t.to(device))
 
+    def shard(self, world) -> Draw:
+        """This rank's slice of a global batch's draw (the draw itself on one rank)."""
+        return Draw(world.shard(self.z), world.shard(self.eps), world.shard(self.t))
+
 
 def fake_score_step(
     gen: OneStepGenerator, fake: nn.Module, sched: Schedule, terms, amp: bool
@@ -190,6 +194,7 @@ class SFD(Method):
     paper = "Chen, Zhang & Zhou, Score Forgetting Distillation, ICLR 2025 (arXiv 2409.11219)"
     Config = SFDConfig
     requires = frozenset()
+    data_parallel = True  # each rank takes its slice of both terms' batches; gradients averaged before clipping
     scaled = {
         "smoke": Scaled({"iterations": 4, "batch_size": 4, "ema_decay": 0.5}, "seconds-long test runs"),
         "default": Scaled(
@@ -212,6 +217,8 @@ class SFD(Method):
         dev, amp = ctx.device, ctx.amp
         g = ctx.generator("sfd")
         self.validate(forget_set)
+        world = ctx.world  # every rank draws the global batch from g and computes on its slice of each term
+        world.check_batch(cfg.batch_size, f"{self.name}.batch_size")
         frozen = copy.deepcopy(teacher.unet).to(dev).eval().requires_grad_(False)
         fake = copy.deepcopy(teacher.unet).to(dev).train()
         gen = OneStepGenerator(copy.deepcopy(teacher.unet).to(dev).train(), t_init=cfg.t_init)
@@ -230,28 +237,31 @@ class SFD(Method):
         n, shape = cfg.batch_size, teacher.image_shape
         bar = ctx.progress(cfg.iterations, self.name, initial=start)
         for step in range(start, cfg.iterations):
-            c_r = retain[torch.randint(len(retain), (n,), generator=g)].to(dev)
-            c_f = forget[torch.randint(len(forget), (n,), generator=g)].to(dev)
-            c_o = anchor_labels(cfg.anchor, forget_set, n, g).to(dev)
+            c_r = world.shard(retain[torch.randint(len(retain), (n,), generator=g)]).to(dev)
+            c_f = world.shard(forget[torch.randint(len(forget), (n,), generator=g)]).to(dev)
+            c_o = world.shard(anchor_labels(cfg.anchor, forget_set, n, g)).to(dev)
 
             fake.requires_grad_(True)
             opt_fake.zero_grad(set_to_none=True)
             loss_fake = fake_score_step(gen, fake, sched, [
-                (cfg.fake_retain_weight, c_r, Draw.new(n, shape, cfg, g, dev)),
-                (cfg.fake_forget_weight, c_f, Draw.new(n, shape, cfg, g, dev)),
+                (cfg.fake_retain_weight, c_r, Draw.new(n, shape, cfg, g, dev).shard(world)),
+                (cfg.fake_forget_weight, c_f, Draw.new(n, shape, cfg, g, dev).shard(world)),
             ], amp)  # fmt: skip
+            world.average_gradients(fake)  # as DDP in the official train_sfd: the mean over ranks, then clip
             nn.utils.clip_grad_value_(fake.parameters(), cfg.grad_clip)
             opt_fake.step()
 
             fake.requires_grad_(False)
             opt_gen.zero_grad(set_to_none=True)
             loss_gen = generator_step(gen, frozen, fake, sched, [
-                (cfg.generator_retain_weight, c_r, c_r, Draw.new(n, shape, cfg, g, dev)),
-                (cfg.generator_forget_weight, c_o, c_f, Draw.new(n, shape, cfg, g, dev)),
+                (cfg.generator_retain_weight, c_r, c_r, Draw.new(n, shape, cfg, g, dev).shard(world)),
+                (cfg.generator_forget_weight, c_o, c_f, Draw.new(n, shape, cfg, g, dev).shard(world)),
             ], cfg.alpha, amp)  # fmt: skip
+            world.average_gradients(gen.unet)
             nn.utils.clip_grad_value_(gen.unet.parameters(), cfg.grad_clip)
             opt_gen.step()
             ema.update(gen.unet)
+            loss_fake, loss_gen = world.all_reduce_mean([loss_fake, loss_gen])  # the global batch's losses
 
             bar.update()
             ctx.log(step + 1, loss_fake=loss_fake, loss_generator=loss_gen)

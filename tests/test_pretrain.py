@@ -47,6 +47,30 @@ def test_teacher_training_resumes_to_the_same_weights(tmp_path, fmnist_dir, monk
     assert same_weights(straight.unet, resumed.unet)
 
 
+def test_judge_training_resumes_from_its_epoch_dump(tmp_path, fmnist_dir, monkeypatch):
+    """A requeued pretraining job loses at most the judge's current epoch, and ends with the same weights."""
+    import bench.pretrain as pretrain_module
+    from bench.pretrain import train_judge
+
+    ds = FashionMNIST(data_dir=fmnist_dir.parent, image_size=8)
+    preset = dataclasses.replace(TINY_PRESET, judge=dataclasses.replace(TINY_PRESET.judge, epochs=3))
+    cpu = torch.device("cpu")
+    straight, acc = train_judge(ds, preset, seed=1, device=cpu, state_path=tmp_path / "a.pt")
+    real_save = pretrain_module.save_state
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_module, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_judge(ds, preset, seed=1, device=cpu, state_path=tmp_path / "b.pt")
+    monkeypatch.setattr(pretrain_module, "save_state", real_save)
+    resumed, acc_resumed = train_judge(ds, preset, seed=1, device=cpu, state_path=tmp_path / "b.pt")
+    assert same_weights(straight, resumed) and acc == acc_resumed
+
+
 def test_pretrain_writes_a_verified_store(tmp_path, fmnist_dir):
     ds = FashionMNIST(data_dir=fmnist_dir.parent, image_size=8)
     out = pretrain(ds, TINY_PRESET, seed=0, out_root=tmp_path, device=torch.device("cpu"))

@@ -32,7 +32,9 @@ def _norm(channels: int) -> nn.GroupNorm:
 def sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:
     """DDPM's timestep features: [sin(t f_i), cos(t f_i)] with f_i = 10000^(-i / (dim/2 - 1)), zero-padded if odd."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=t.device))
+    freqs = torch.exp(
+        -math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=t.device)
+    )
     angles = t.float()[:, None] * freqs[None]
     out = torch.cat([angles.sin(), angles.cos()], dim=1)
     return F.pad(out, (0, dim % 2))
@@ -150,7 +152,9 @@ class OfficialConditionalUNet(ModelMixin, ConfigMixin):
         super().__init__()
         ch_mult = tuple(ch_mult)
         if ch % 32:
-            raise ValueError(f"ch={ch}: the network's GroupNorms have 32 groups, so ch must be a multiple of 32")
+            raise ValueError(
+                f"ch={ch}: the network's GroupNorms have 32 groups, so ch must be a multiple of 32"
+            )
         if sample_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"sample_size={sample_size} does not halve evenly {len(ch_mult) - 1} times (ch_mult "
                              f"{list(ch_mult)}): the skip connections would not line up")  # fmt: skip

@@ -34,7 +34,9 @@ from bench.models.unet import noise_schedule
 from bench.sampling import DiffusionModel
 
 RECORD = "import.json"
-OFFICIAL = "Conditional_Model of clear-nus/selective-amnesia ddpm/models/diffusion.py (SA, SalUn, SFD, EraseDiff)"
+OFFICIAL = (
+    "Conditional_Model of clear-nus/selective-amnesia ddpm/models/diffusion.py (SA, SalUn, SFD, EraseDiff)"
+)
 # The `diffusion:` section the harness samples and unlearns with (bench.models.unet.noise_schedule).
 SCHEDULE = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_diffusion_timesteps": 1000}
 
@@ -48,32 +50,29 @@ def read_config(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise BenchError(f"--config {path}: cannot read it as YAML: {e}") from e
     if not isinstance(cfg, dict):
-        raise BenchError(f"--config {path}: expected the official run config (sections data:, model:, diffusion:)")
+        raise BenchError(
+            f"--config {path}: expected the official run config (sections data:, model:, diffusion:)"
+        )
     return cfg
 
 
-def _get(cfg: dict, key: str, kind, path: Path):
-    """cfg["a"]["b"] for key "a.b", checked to be of `kind`; a BenchError naming the key otherwise."""
+def _get(cfg: dict, key: str, kind: type | tuple[type, ...], path: Path):
+    """cfg["a"]["b"] for key "a.b", checked to be of `kind` (bool only where asked for); else a BenchError naming it."""
     node = cfg
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             raise BenchError(f"--config {path}: `{key}` is missing (the official config.yml has it)")
         node = node[part]
-    ok = all(isinstance(v, kind) and not isinstance(v, bool) for v in node) if kind is list else None
-    if kind is list:
-        if not isinstance(node, list) or not ok:
-            raise BenchError(f"--config {path}: `{key}` is {node!r}, expected a list of integers")
-    elif kind is bool:
-        if not isinstance(node, bool):
-            raise BenchError(f"--config {path}: `{key}` is {node!r}, expected true or false")
-    elif not isinstance(node, kind) or isinstance(node, bool):
-        raise BenchError(f"--config {path}: `{key}` is {node!r}, expected a {kind.__name__}")
+    ok = isinstance(node, bool) if kind is bool else isinstance(node, kind) and not isinstance(node, bool)
+    if not ok:
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BenchError(f"--config {path}: `{key}` is {node!r}, expected {names}")
     return node
 
 
 def _int_list(cfg: dict, key: str, path: Path) -> list[int]:
     node = _get(cfg, key, list, path)
-    if not all(isinstance(v, int) for v in node):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in node):
         raise BenchError(f"--config {path}: `{key}` is {node!r}, expected a list of integers")
     return node
 
@@ -112,6 +111,11 @@ def _is_weights(obj) -> bool:
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))  # fmt: skip
 
 
+def _strip(weights: dict) -> dict:
+    """Keys without DataParallel's `module.` prefix (the raw model's; the EMA shadow has none)."""
+    return {k.removeprefix("module."): v for k, v in weights.items()}
+
+
 def _refusal_reason(e: Exception) -> str:
     m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
     if m:
@@ -142,12 +146,15 @@ def read_checkpoint(path: Path) -> dict:
     rest = list(states[1:])
     ema = rest.pop() if len(rest) >= 2 and _is_weights(rest[-1]) else None
     counters = rest[1:]
-    if any(isinstance(v, dict) for v in counters) or not all(isinstance(v, int) for v in counters) or len(counters) > 2:
+    if (
+        any(isinstance(v, dict) for v in counters)
+        or not all(isinstance(v, int) for v in counters)
+        or len(counters) > 2
+    ):
         raise BenchError(f"checkpoint {path} holds {len(states)} items ({', '.join(type(v).__name__ for v in states)})"
                          f"; expected {layout}. A checkpoint with several networks (SFD's distillation) is not a "
                          "teacher")  # fmt: skip
-    strip = lambda sd: {k.removeprefix("module."): v for k, v in sd.items()}  # noqa: E731  DataParallel's prefix
-    return {"raw": strip(states[0]), "ema": None if ema is None else strip(ema),
+    return {"raw": _strip(states[0]), "ema": None if ema is None else _strip(ema),
             "epoch": counters[0] if len(counters) == 2 else None, "step": counters[-1] if counters else None}  # fmt: skip
 
 
@@ -157,10 +164,14 @@ def check_weights(weights: dict, model: torch.nn.Module, *, what: str, path: Pat
     where = f"the {what} weights of {path} do not match the network {config} describes"
     missing = [k for k in want if k not in weights]
     if missing:
-        raise BenchError(f"{where}: key `{missing[0]}` is missing from the checkpoint ({len(missing)} missing)")
+        raise BenchError(
+            f"{where}: key `{missing[0]}` is missing from the checkpoint ({len(missing)} missing)"
+        )
     extra = [k for k in weights if k not in want]
     if extra:
-        raise BenchError(f"{where}: key `{extra[0]}` is in the checkpoint but not in the network ({len(extra)} such)")
+        raise BenchError(
+            f"{where}: key `{extra[0]}` is in the checkpoint but not in the network ({len(extra)} such)"
+        )
     for k, v in want.items():
         if tuple(weights[k].shape) != tuple(v.shape):
             raise BenchError(f"{where}: key `{k}` has shape {tuple(weights[k].shape)} in the checkpoint, "

@@ -23,7 +23,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "models"
 MANIFEST = "MANIFEST.json"
 # Files a store folder may hold beside those its manifest lists: the manifest, lock files (locked()), and the
 # teacher's training state, which pretrain() deletes right after writing the manifest (a kill can leave it).
-UNLISTED = (MANIFEST, ".*.lock", "teacher_state.pt", "teacher_state.pt.json")
+UNLISTED = (MANIFEST, ".*.lock", "teacher_state.pt", "teacher_state.pt.json", "judge_state.pt", "judge_state.pt.json")
 # A judge trained alone (for an external teacher, no manifest yet) records its files' checksums here.
 JUDGE_CHECKSUMS = "checksums.json"
 

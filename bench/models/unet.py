@@ -51,7 +51,9 @@ def build_unet(recipe: TeacherRecipe, *, image_size: int, channels: int, num_cla
             dropout=recipe.dropout, resamp_with_conv=True,
         )  # fmt: skip
     if recipe.backbone != "diffusers-unet2d":
-        raise ValueError(f"unknown teacher backbone {recipe.backbone!r}: expected one of {', '.join(BACKBONES)}")
+        raise ValueError(
+            f"unknown teacher backbone {recipe.backbone!r}: expected one of {', '.join(BACKBONES)}"
+        )
     attention = recipe.attention[:levels]
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
