@@ -192,6 +192,11 @@ class Method(ABC):
     def unlearn(self, teacher: Sampler, forget_set: ForgetSet, ctx: RunContext) -> Sampler:
         """Return the unlearned model; everything outside the model comes through ctx."""
 
+    def anchors(self, forget_set: ForgetSet) -> tuple[int, ...]:
+        """The classes this method sends forgotten conditions to, which `to_anchor[forget]` scores against: the
+        forget set's anchor unless the method's config picks others (SFD's `anchor`, SalUn's `relabel`)."""
+        return (forget_set.anchor,)
+
     def prepared(self, teacher: Sampler) -> bool:
         """Whether what the method caches per teacher (SA's replay and Fisher) is in the model store already."""
         return True
@@ -293,3 +298,10 @@ class EvalContext:
     judge: torch.nn.Module
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)
+    anchors: tuple[
+        int, ...
+    ] = ()  # where the method sent the forgotten classes (Method.anchors); () = the default
+
+    @property
+    def anchor_classes(self) -> tuple[int, ...]:
+        return self.anchors or (self.forget_set.anchor,)

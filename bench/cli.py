@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="parallel processes for --launcher local (default: 2)",
     )
+    run.add_argument("--nproc", type=_positive_int, default=1,
+                     help="processes per run (local or slurm: one task per GPU), data-parallel (default: 1)")  # fmt: skip
     run.add_argument(
         "--results", type=Path, default=DEFAULT_RESULTS, help=f"sweep folder (default: {DEFAULT_RESULTS})"
     )
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--set", dest="sets", action="append", default=[], metavar="slurm.KEY=VALUE",
                      help="override the cluster preset")  # fmt: skip
     pre.add_argument("--wait", action="store_true", help="slurm: wait for the job to end")
+    pre.add_argument("--nproc", type=_positive_int, default=1,
+                     help="inline: processes here (one per GPU) training the teacher data-parallel (default: 1)")  # fmt: skip
     _runtime_args(pre)
     imp = sub.add_parser("import-teacher", help="an official SA/SalUn/SFD DDPM checkpoint (ckpt.pth + config.yml) "
                          "as a teacher folder for --teacher")  # fmt: skip
@@ -283,7 +287,7 @@ def cmd_run(args) -> None:
             print(f"  {'todo' if s in plan.todo else 'queued' if s in plan.active else 'done'}  {s.run_id}")
         return
     runtime = Runtime(device=args.device, amp=args.amp, data_dir=args.data_dir, checkpoint_every=args.checkpoint_every,
-                      progress=sys.stderr.isatty())  # fmt: skip
+                      progress=sys.stderr.isatty(), nproc=args.nproc)  # fmt: skip
     if args.launcher != "slurm":  # on SLURM the device is the compute node's, checked in the job
         runtime.check()
     if plan.todo:  # a finished sweep in a read-only folder can still be listed
@@ -339,6 +343,9 @@ def cmd_pretrain(args) -> None:
         if args.cluster is None:
             raise BenchError(f"--launcher slurm needs --cluster NAME ({', '.join(clusters.cluster_names())}) or a "
                              ".toml path")  # fmt: skip
+        if args.nproc > 1:
+            raise BenchError("--nproc with --launcher slurm: bench pretrain runs one task on SLURM; use --nproc "
+                             "inline, on one machine")  # fmt: skip
         cfg = clusters.load_cluster(args.cluster, args.sets)
         folder = out_root / "jobs"
         job = prerequisites.submit_call(cfg, folder, "bench-pretrain", pretrain_named, kwargs)
@@ -356,9 +363,29 @@ def cmd_pretrain(args) -> None:
     else:
         if args.sets:
             raise BenchError(f"--set {args.sets[0]}: slurm.* settings need --launcher slurm")
-        out = pretrain_named(**kwargs)
+        if args.nproc > 1:
+            import torch
+
+            from bench import distributed
+            from bench.context import Runtime
+
+            gpus = torch.cuda.device_count()
+            if Runtime(device=args.device).torch_device.type == "cuda" and args.nproc > gpus:
+                raise BenchError(f"--nproc {args.nproc} --device cuda: one GPU per process, and this machine has "
+                                 f"{gpus}")  # fmt: skip
+            out = distributed.spawn(_pretrain_rank, args.nproc, kwargs, device=args.device)
+        else:
+            out = pretrain_named(**kwargs)
     print(f"teacher and judge written to {out}")
     print((out / "MANIFEST.json").read_text())
+
+
+def _pretrain_rank(world, kwargs: dict):
+    """One process of `bench pretrain --nproc N` (distributed.spawn has joined it to the others)."""
+    from bench.pretrain import pretrain_named
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return pretrain_named(**kwargs)
 
 
 def cmd_import_teacher(args) -> None:

@@ -113,6 +113,15 @@ def executor_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def rank_params(cfg: dict[str, Any], nproc: int) -> dict[str, Any]:
+    """submitit parameters for a run of `nproc` ranks on one node: one task per rank and, when the preset asks
+    for GPUs, one GPU per task."""
+    params: dict[str, Any] = {"tasks_per_node": nproc}
+    if cfg.get("gpus_per_node"):
+        params["gpus_per_node"] = nproc
+    return params
+
+
 def executor(cfg: dict[str, Any], folder: Path) -> submitit.AutoExecutor:
     """A submitit AutoExecutor for SLURM with this preset's parameters, keeping its files in `folder`."""
     if shutil.which("sbatch") is None:

@@ -36,6 +36,9 @@ class Runtime:
     amp: bool = False  # bf16 autocast
     data_dir: Path | None = None
     checkpoint_every: int = 50  # steps between state dumps
+    # Processes (ranks) per run for the local and slurm launchers: data-parallel over them (bench/distributed.py),
+    # the same experiment as on one.
+    nproc: int = 1
     progress: bool = True
     # Benchmarks (time to forget) watch training: `probe` is called every `probe_every` steps. It samples with its
     # own seeds and restores train mode, so it changes nothing a run computes, and its time is not unlearning time.

@@ -14,11 +14,11 @@ code paths are the same on one rank and on many, and a one-rank run computes exa
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -112,7 +112,7 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(device: str | torch.device = "cpu", *, timeout: dt.timedelta | None = None) -> World:
+def init(device: str | torch.device = "cpu") -> World:
     """Join the process group the environment describes, when it has several ranks, and return this rank's World.
 
     On CUDA each rank takes GPU `LOCAL_RANK` of those it sees (modulo their number, for clusters that bind one
@@ -134,10 +134,28 @@ def init(device: str | torch.device = "cpu", *, timeout: dt.timedelta | None = N
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        kwargs = {"timeout": timeout} if timeout is not None else {}
-        dist.init_process_group(backend, rank=rank, world_size=size, **kwargs)
+        dist.init_process_group(backend, rank=rank, world_size=size)
     _current = World(rank=rank, size=size, local_rank=local, device=dev)
     return _current
+
+
+def init_job(device: str | torch.device = "cpu") -> World:
+    """The world of this process: the one `init` joined already, else, in a submitit job of several tasks (SLURM's
+    tasks_per_node, or the LocalExecutor's), those tasks, exported as torch.distributed's environment by
+    `submitit.helpers.TorchDistributedEnvironment` and joined; else what the environment says (torchrun), or
+    SINGLE."""
+    if dist.is_initialized():
+        return _current
+    import submitit
+
+    try:
+        tasks = submitit.JobEnvironment().num_tasks
+    except RuntimeError:  # not in a submitit job
+        tasks = 1
+    if tasks > 1:
+        # Each rank picks its GPU by LOCAL_RANK among those the job sees (init), so CUDA_VISIBLE_DEVICES stays.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return init(device)
 
 
 def shutdown() -> None:
@@ -161,20 +179,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(fn: Callable[..., object], nproc: int, *args, device: str = "cpu", start_method: str = "spawn") -> None:
-    """Run fn(world, *args) in `nproc` local processes that form one world (MASTER_ADDR 127.0.0.1, a free port);
-    returns when all have finished, and raises when one of them raised."""
+def spawn(fn: Callable[..., object], nproc: int, *args, device: str = "cpu", start_method: str = "spawn"):
+    """Run fn(world, *args) in `nproc` local processes that form one world (MASTER_ADDR 127.0.0.1, a free port)
+    and return rank 0's result (picklable); when one of them raises, the others are ended and this raises."""
+    import pickle
+    import tempfile
+
     import torch.multiprocessing as mp
 
-    port = free_port()
-    mp.start_processes(_entry, args=(fn, nproc, port, device, args), nprocs=nproc, start_method=start_method)
+    with tempfile.TemporaryDirectory(prefix="bench-spawn-") as tmp:
+        result = Path(tmp) / "rank0.pkl"
+        mp.start_processes(_entry, args=(fn, nproc, free_port(), str(device), str(result), args), nprocs=nproc,
+                           start_method=start_method)  # fmt: skip
+        return pickle.loads(result.read_bytes())
 
 
-def _entry(rank: int, fn, nproc: int, port: int, device: str, args) -> None:
+def _entry(rank: int, fn, nproc: int, port: int, device: str, result: str, args) -> None:
+    import pickle
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))  # fmt: skip
     world = init(device)
     try:
-        fn(world, *args)
+        out = fn(world, *args)
     finally:
         shutdown()
+    if rank == 0:
+        Path(result).write_bytes(pickle.dumps(out))

@@ -22,7 +22,7 @@ from typing import Any
 import submitit
 from tqdm.auto import tqdm
 
-from bench import clusters, store
+from bench import clusters, distributed, store
 from bench.config import RunSpec
 from bench.context import Runtime
 from bench.errors import BenchError, unknown
@@ -65,19 +65,28 @@ def _job_id_here() -> str | None:
 
 
 def run_one(spec: RunSpec, results: Path, runtime: Runtime, *, reraise: bool) -> str:
-    """Execute one run unless it is done or held by another process; a failure leaves its traceback in error.txt."""
+    """Execute one run unless it is done or held by another process; a failure leaves its traceback in error.txt.
+
+    With several ranks (a multi-process job) rank 0 decides and keeps the records (lock, job.json, attempts,
+    error.txt); the other ranks follow its decision and execute without writing anything."""
     from bench import runner
 
+    world = distributed.current()
+    if not world.is_main:
+        decision = world.broadcast(None)
+        if decision == "run":
+            runner.execute(spec, results, runtime)
+        return "done" if decision == "run" else decision
     d = store.run_dir(results, spec.run_id)
     if store.is_done(d):  # a finished run is never redone, whatever restarted this job
-        return "done"
+        return world.broadcast("done")
     d.mkdir(parents=True, exist_ok=True)
     with open(d / ".lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.warning("%s is being executed by another process; leaving it to that one", spec.run_id)
-            return "busy"
+            return world.broadcast("busy")
         # Only the lock's holder says who runs the run: a process that finds it busy never touches job.json.
         job = {k: v for k, v in _read_job(d).items() if k != "ended"}
         _record(results, spec, holder=True, **{**job, **_me(), "started": _now()})
@@ -94,6 +103,7 @@ def run_one(spec: RunSpec, results: Path, runtime: Runtime, *, reraise: bool) ->
             f.write(json.dumps(attempt) + "\n")
         (d / ERROR).unlink(missing_ok=True)
         try:
+            world.broadcast("run")
             runner.execute(spec, results, runtime)
         except Exception:
             store.atomic_write_text(d / ERROR, traceback.format_exc())
@@ -121,7 +131,14 @@ class RunJob(submitit.helpers.Checkpointable):
             import torch
 
             torch.set_num_threads(int(cpus))
-        return run_one(spec, Path(results), runtime, reraise=True)
+        # A job of several tasks (--nproc) is one data-parallel run: each task joins the others as a rank, on its
+        # own GPU under CUDA.
+        world = distributed.init_job(runtime.device)
+        runtime = dataclasses.replace(runtime, device=distributed.rank_device(runtime.device, world))
+        try:
+            return run_one(spec, Path(results), runtime, reraise=True)
+        finally:
+            distributed.shutdown()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         log.warning("time limit or preemption: requeueing; the run resumes from its last state dump")
@@ -338,6 +355,8 @@ def launch(specs: list[RunSpec], results: Path, runtime: Runtime, *, launcher: s
         )
     if cluster_sets and launcher != "slurm":
         raise BenchError(f"--set {cluster_sets[0]}: slurm.* settings need --launcher slurm")
+    if runtime.nproc > 1 and launcher == "inline":
+        raise BenchError(f"--nproc {runtime.nproc} needs --launcher local or slurm (a process per rank)")
     results = Path(results).resolve()
     folder = results / "jobs"
     runtime = dataclasses.replace(runtime, progress=launcher == "inline" and runtime.progress,
@@ -365,15 +384,20 @@ def _run_inline(specs: list[RunSpec], results: Path, runtime: Runtime) -> dict[s
 
 def _run_local(specs, results, runtime, folder, workers, poll_s):
     ex = submitit.LocalExecutor(folder=folder)
-    ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
-    # The machine's cores shared among the workers (BENCH_THREADS, read by RunJob; OMP_NUM_THREADS wins).
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    # One task per rank (--nproc), which submitit numbers; RunJob makes them one torch.distributed world.
+    ex.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, tasks_per_node=runtime.nproc)
+    # The machine's cores shared among the workers' processes (BENCH_THREADS, read by RunJob; OMP_NUM_THREADS wins).
+    threads = str(max(1, (os.cpu_count() or 1) // (max(1, workers) * runtime.nproc)))
     env, queue, running, job_ids = {**_job_env(), "BENCH_THREADS": threads}, list(specs), {}, []
+    gpus, slots = _local_gpus(runtime, workers), {}  # GPUs of each worker slot; run id -> its slot
     bar = tqdm(total=len(specs), desc="runs", unit="run", disable=None)
     try:
         while queue or running:
             while queue and len(running) < max(1, workers):
                 spec = queue.pop(0)
+                if gpus:  # the LocalExecutor shows a job only the GPUs it is given (CUDA_VISIBLE_DEVICES)
+                    slots[spec.run_id] = min(set(range(len(gpus))) - set(slots.values()))
+                    ex.update_parameters(gpus_per_node=runtime.nproc, visible_gpus=gpus[slots[spec.run_id]])
                 job = ex.submit(RunJob(), spec, str(results), runtime, env)
                 pid = int(job.job_id)
                 _record(results, spec, launcher="local", job_id=job.job_id, host=socket.gethostname(), pid=pid,
@@ -382,6 +406,7 @@ def _run_local(specs, results, runtime, folder, workers, poll_s):
             time.sleep(min(poll_s, 0.5))
             for rid in [r for r, j in running.items() if j.done()]:
                 del running[rid]
+                slots.pop(rid, None)
                 bar.update()
     except KeyboardInterrupt:
         for job in running.values():
@@ -390,6 +415,23 @@ def _run_local(specs, results, runtime, folder, workers, poll_s):
     finally:
         bar.close()
     return job_ids, folder, run_states(results, [s.run_id for s in specs])
+
+
+def _local_gpus(runtime: Runtime, workers: int) -> list[tuple[int, ...]]:
+    """Under CUDA, the GPUs of each local worker slot: --nproc of them, in turn (slots share them when there are
+    fewer GPUs than workers x processes); [] on the CPU."""
+    import torch
+
+    device = torch.device(runtime.device)
+    if device.type != "cuda":
+        return []
+    if device.index is not None:
+        raise BenchError(f"--device {runtime.device} with --launcher local: the launcher gives each worker its "
+                         "own GPUs; use --device cuda")  # fmt: skip
+    count, n = torch.cuda.device_count(), runtime.nproc
+    if n > count:
+        raise BenchError(f"--nproc {n} --device cuda: one GPU per process, and this machine has {count}")
+    return [tuple((w * n + k) % count for k in range(n)) for w in range(max(1, workers))]
 
 
 def _submit_slurm(specs, results, runtime, cfg, folder) -> Launched:
@@ -402,6 +444,8 @@ def _submit_slurm(specs, results, runtime, cfg, folder) -> Launched:
     needs = prerequisites.find_needs(specs, runtime)
     after = prerequisites.submit(needs, runtime, cfg, folder)
     ex = clusters.executor(cfg, folder)
+    if runtime.nproc > 1:  # --nproc tasks (ranks) per run, one GPU each when the preset asks for GPUs
+        ex.update_parameters(**clusters.rank_params(cfg, runtime.nproc))
     if after:
         # A failed prerequisite cancels the runs waiting for it, instead of leaving them pending for ever.
         extra = {**(cfg.get("additional") or {}), "dependency": "afterok:" + ":".join(after),

@@ -147,10 +147,18 @@ def recognisability(teacher: DiffusionModel, judge, preset: Preset, *, num_class
 
 
 def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, device: torch.device,
-             amp: bool = False, check_per_class: int = 100) -> Path:  # fmt: skip
-    """Train (or finish training) the judge and the teacher for (dataset, preset, seed) into the store."""
+             amp: bool = False, check_per_class: int = 100, world: World = SINGLE) -> Path:  # fmt: skip
+    """Train (or finish training) the judge and the teacher for (dataset, preset, seed) into the store.
+
+    With several ranks the teacher's training is data-parallel over them and rank 0 alone does the rest."""
     out = store.model_dir(out_root, dataset.name, preset.model_key, seed)
     t0 = time.time()
+    teacher = None
+    if world.size > 1:  # the teacher first: no rank waits in a collective while rank 0 trains the judge
+        teacher = train_teacher(dataset, preset, seed=seed, device=device, state_path=out / "teacher_state.pt",
+                                amp=amp, world=world)  # fmt: skip
+        if not world.is_main:
+            return out
     judge_dir = out / "judge"
     if (judge_dir / "model.safetensors").is_file():
         judge = store.load_judge(judge_dir)
@@ -161,9 +169,10 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
         store.save_judge(judge, judge_dir, widths=preset.judge.widths)
         remove_state(out / "judge_state.pt")
     log.info("judge test accuracy %.4f", judge_acc)
-    teacher = train_teacher(
-        dataset, preset, seed=seed, device=device, state_path=out / "teacher_state.pt", amp=amp
-    )
+    if teacher is None:
+        teacher = train_teacher(
+            dataset, preset, seed=seed, device=device, state_path=out / "teacher_state.pt", amp=amp
+        )
     teacher.save(out / "teacher")
     per_class = recognisability(teacher, judge, preset, num_classes=dataset.num_classes, per_class=check_per_class,
                                 device=device)  # fmt: skip
@@ -184,13 +193,17 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
 def pretrain_named(dataset: str, preset: str, *, seed: int, out_root: Path, data_dir: Path | None = None,
                    device: str = "cpu", amp: bool = False) -> Path:  # fmt: skip
     """`bench pretrain` as one call, by names: also the body of its SLURM job, which a requeue calls again (the
-    teacher's training resumes from its state dump; a finished judge is loaded, not retrained)."""
+    teacher's training resumes from its state dump; a finished judge is loaded, not retrained). In a job of
+    several tasks (or processes that `bench pretrain --nproc` started) the teacher trains data-parallel."""
+    from bench import distributed
     from bench.context import Runtime
     from bench.data import make_dataset
     from bench.presets import get_preset
 
     data = make_dataset(dataset, data_dir=data_dir, image_size=get_preset(preset).image_size)
     recipe = store.recipe_preset(data.name, get_preset(preset), seed)  # the models runs at this preset use
-    torch_device = Runtime(device=device).torch_device
+    world = distributed.init_job(device)
+    torch_device = Runtime(device=distributed.rank_device(device, world)).torch_device
     torch.manual_seed(seed)
-    return pretrain(data, recipe, seed=seed, out_root=Path(out_root), device=torch_device, amp=amp)
+    return pretrain(data, recipe, seed=seed, out_root=Path(out_root), device=torch_device, amp=amp,
+                    world=world)  # fmt: skip

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench import store
+from bench import distributed, store
 from bench.api import EvalContext, SampleSet
 from bench.config import RunSpec, resolve_config
 from bench.context import RunContext, Runtime
@@ -223,11 +223,27 @@ def check_config(spec: RunSpec, d: Path) -> None:
         )
 
 
+def _help_unlearn(spec, d, runtime, method, teacher, preset, dataset, forget_set, world) -> Path:
+    """A rank other than 0 of a data-parallel run: the same unlearning as rank 0 (which holds the same model at
+    the end), on this rank's slice of every batch; its RunContext writes nothing."""
+    torch.manual_seed(spec.seed)
+    ctx = RunContext(run_dir=d, seed=spec.seed, preset=preset, dataset=dataset, forget_set=forget_set,
+                     requires=type(method).requires, runtime=runtime, world=world)  # fmt: skip
+    teacher.unet.to(runtime.torch_device)
+    method.unlearn(teacher, forget_set, ctx)
+    return d
+
+
 def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = False) -> Path:
     """Run one spec to completion (resuming whatever an interrupted attempt left) and return its directory."""
     d = store.run_dir(results, spec.run_id)
-    if force and d.exists():
+    # With several ranks (bench/distributed.py) rank 0 alone writes, samples and evaluates; the others only help
+    # a data-parallel method unlearn (_help_unlearn).
+    world = distributed.current()
+    if force and d.exists() and world.is_main:
         shutil.rmtree(d)
+    if force:
+        world.barrier()
     check_config(spec, d)
     if store.is_done(d):
         return d
@@ -241,16 +257,22 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         raise BenchError(f"the {spec.dataset} files in {data['root']} are not those run {spec.run_id} was planned on "
                          "(other names or sizes): check --data-dir / BENCH_DATA_DIR here")  # fmt: skip
     method_cls = METHODS.get(spec.method)
+    if not world.is_main and (not method_cls.data_parallel or (d / "model" / "unlearn.json").is_file()):
+        return d  # nothing for this rank to do: rank 0 runs a method that does not split its batch alone
     config = resolve_config(method_cls, spec.preset, dict(spec.overrides))
     evaluators = [EVALUATORS.get(name)() for name in spec.evaluators]
+    anchors = method_cls(config).anchors(forget_set)
     with phases("load"):
         teacher, judge, teacher_info = load_models(
             dataset, preset, teacher_path=spec.teacher_path, device=device, amp=runtime.amp
         )
+    if not world.is_main:
+        return _help_unlearn(spec, d, runtime, method_cls(config), teacher, preset, dataset, forget_set,
+                             world)  # fmt: skip
     d.mkdir(parents=True, exist_ok=True)  # only now: bad data or models leave no run folder behind
     store.write_json(d / "spec.json", {**spec.to_dict(), "run_id": spec.run_id, "config": vars(config),
                                        "teacher": teacher_info, "data_files": data, "forget": forget_set.forget,
-                                       "anchor": forget_set.anchor})  # fmt: skip
+                                       "anchor": forget_set.anchor, "anchors_used": anchors})  # fmt: skip
     store.write_json(d / "env.json", environment(device))
 
     torch.manual_seed(spec.seed)
@@ -261,7 +283,8 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
             model, unlearn_s = model_store.load_run_model(model_dir)  # checked against its checksums
     else:
         ctx = RunContext(run_dir=d, seed=spec.seed, preset=preset, dataset=dataset, forget_set=forget_set,
-                         requires=method_cls.requires, runtime=runtime)  # fmt: skip
+                         requires=method_cls.requires, runtime=runtime,
+                         world=world if method_cls.data_parallel else distributed.SINGLE)  # fmt: skip
         teacher.unet.to(device)
         log.info("%s: unlearning %s with %s", spec.run_id, forget_set.name, spec.method)
         with phases("unlearn_compute"):
@@ -305,7 +328,12 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         share(d / "samples.safetensors")
 
     ectx = EvalContext(
-        dataset=dataset, forget_set=forget_set, judge=judge, device=device, options=dict(spec.options)
+        dataset=dataset,
+        forget_set=forget_set,
+        judge=judge,
+        device=device,
+        options=dict(spec.options),
+        anchors=anchors,
     )
     rows = []
     for ev in evaluators:

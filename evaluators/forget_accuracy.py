@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from bench.api import EvalContext, Evaluator, Metric, SampleSet
 from bench.models.judge import judge_probs
 from bench.registry import EVALUATORS
@@ -17,7 +19,8 @@ TO_ANCHOR = Metric("to_anchor", "forget", higher_is_better=True)
 class ForgetAccuracy(Evaluator):
     """accuracy (forget / retain subsets), and for the forgotten classes the judge's mean probability of the
     conditioning class and mean predictive entropy (as SA and SFD report them), and the fraction labelled as
-    the anchor class (where SFD sends them)."""
+    the anchor class: the one the method sent them to (Method.anchors: SFD's `anchor`, SalUn's relabel target),
+    or, when it sends them to random retained classes, any retained class."""
 
     name = "forget_accuracy"
     version = "1"
@@ -40,5 +43,9 @@ class ForgetAccuracy(Evaluator):
             (ACC_RETAIN, hit[retain].mean().item(), nr),
             (PROB_FORGET, p_cond[forget].mean().item(), nf),
             (ENTROPY_FORGET, entropy[forget].mean().item(), nf),
-            (TO_ANCHOR, (pred[forget] == ctx.forget_set.anchor).float().mean().item(), nf),
+            (
+                TO_ANCHOR,
+                torch.isin(pred[forget], pred.new_tensor(ctx.anchor_classes)).float().mean().item(),
+                nf,
+            ),
         ]

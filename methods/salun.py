@@ -160,6 +160,12 @@ class SalUn(Method):
         ),
     }  # fmt: skip
 
+    def anchors(self, forget_set):
+        if self.config.relabel == "random":
+            return forget_set.retain
+        targets = relabel_targets("next", torch.tensor(forget_set.forget), forget_set, torch.Generator())
+        return tuple(sorted(set(targets.tolist())))
+
     def validate(self, forget_set):
         relabel_targets(self.config.relabel, torch.tensor(forget_set.forget), forget_set, torch.Generator())
 

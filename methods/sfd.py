@@ -45,6 +45,7 @@ from bench.sampling import OneStepGenerator, autocast
 from bench.training import EMA
 
 SRC = "cifar10_sfd.yml"
+SID = "cifar10_sid.yml"
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class SFDConfig:
     generator_forget_weight: float = param(
         0.01, f"{SRC} distill.g_forget_coef (lambda_theta_f)", valid=NON_NEGATIVE
     )
+    distill: str = param(
+        "retained",
+        "train_sfd: the distilled labels come from the retain set (DDPM/datasets/__init__.py:184, "
+        "targets != label_to_forget); 'all' distils every class, the forgotten one included",
+        valid=("retained", "all"),
+    )
     anchor: str = param(
         "fixed", f"{SRC} distill.label_to_override: 'fixed' (forget set's anchor), 'random', or K"
     )
@@ -79,11 +86,16 @@ class SFDConfig:
 
 @dataclass(frozen=True)
 class SiDConfig(SFDConfig):
-    fake_forget_weight: float = param(
-        0.0, "0: SiD distillation only (the SFD repo's stage-1 config)", valid=NON_NEGATIVE
-    )
-    generator_forget_weight: float = param(
-        0.0, "0: SiD distillation only (the SFD repo's stage-1 config)", valid=NON_NEGATIVE
+    """The SFD repo's stage 1 (DDPM/README.md: `--config cifar10_sid.yml --label_to_forget -1`)."""
+
+    lr_fake: float = param(3e-5, f"{SID} sg_optim.lr (line 49)", valid=POSITIVE)
+    fake_forget_weight: float = param(0.0, f"{SID} distill.sg_forget_coef (line 72)", valid=NON_NEGATIVE)
+    generator_forget_weight: float = param(0.0, f"{SID} distill.g_forget_coef (line 74)", valid=NON_NEGATIVE)
+    distill: str = param(
+        "all",
+        "DDPM/README.md stage 1 runs with --label_to_forget -1, so the retain set (datasets/__init__.py:184, "
+        "targets != -1) holds every class: the class forgotten later is distilled too",
+        valid=("retained", "all"),
     )
 
 
@@ -194,7 +206,9 @@ class SFD(Method):
     paper = "Chen, Zhang & Zhou, Score Forgetting Distillation, ICLR 2025 (arXiv 2409.11219)"
     Config = SFDConfig
     requires = frozenset()
-    data_parallel = True  # each rank takes its slice of both terms' batches; gradients averaged before clipping
+    data_parallel = (
+        True  # each rank takes its slice of both terms' batches; gradients averaged before clipping
+    )
     scaled = {
         "smoke": Scaled({"iterations": 4, "batch_size": 4, "ema_decay": 0.5}, "seconds-long test runs"),
         "default": Scaled(
@@ -205,6 +219,12 @@ class SFD(Method):
             "EMA half-life near 11% of training, as 0.9999 over 50k iterations does (14%).",
         ),
     }  # fmt: skip
+
+    def anchors(self, forget_set):
+        choice = self.config.anchor
+        if choice == "random":
+            return forget_set.retain
+        return (int(choice),) if choice.isdigit() else (forget_set.anchor,)
 
     def validate(self, forget_set):
         cfg = self.config
@@ -233,7 +253,9 @@ class SFD(Method):
                 obj.load_state_dict(state[key])
             start = state["step"]
         sched = Schedule(dev)
-        retain, forget = torch.tensor(forget_set.retain), torch.tensor(forget_set.forget)
+        every = (*forget_set.retain, *forget_set.forget)
+        retain = torch.tensor(sorted(every) if cfg.distill == "all" else forget_set.retain)
+        forget = torch.tensor(forget_set.forget)
         n, shape = cfg.batch_size, teacher.image_shape
         bar = ctx.progress(cfg.iterations, self.name, initial=start)
         for step in range(start, cfg.iterations):
@@ -277,6 +299,14 @@ class SFD(Method):
 @METHODS.register("sid")
 class SiD(SFD):
     name = "sid"
-    paper = ("SiD distillation (Zhou et al., ICML 2024) run by the SFD code with both forgetting weights 0: "
-             "the 'distilled but not unlearned' control")  # fmt: skip
+    paper = ("SiD distillation (Zhou et al., ICML 2024) of every class, the SFD repo's stage 1 (cifar10_sid.yml, "
+             "--label_to_forget -1): the 'distilled but not unlearned' control")  # fmt: skip
     Config = SiDConfig
+    scaled = {
+        "smoke": SFD.scaled["smoke"],
+        "default": Scaled(
+            {**SFD.scaled["default"].overrides, "lr_fake": 3e-4},
+            "as sfd (300 iterations of batch 16, EMA 0.98, both learning rates 10x the paper's for the CPU budget): "
+            "lr_fake 3e-4 and lr_generator 1e-4 keep cifar10_sid.yml's ratio of 3",
+        ),
+    }  # fmt: skip

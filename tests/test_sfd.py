@@ -171,3 +171,24 @@ def test_sid_is_sfd_without_forgetting():
     assert SiD.Config().fake_forget_weight == 0 and SiD.Config().generator_forget_weight == 0
     assert SFDConfig().fake_forget_weight == 0.01 and SFDConfig().generator_forget_weight == 0.01
     assert {f.name for f in dataclasses.fields(SiD.Config)} == {f.name for f in dataclasses.fields(SFDConfig)}
+
+
+@pytest.mark.parametrize(("method", "distilled"), [(SFD, set(range(1, 10))), (SiD, set(range(10)))])
+def test_sid_distils_every_class_and_sfd_the_retained_ones(
+    tmp_path, fmnist_dir, monkeypatch, method, distilled
+):
+    """The official stage 1 (cifar10_sid.yml, --label_to_forget -1) distils class 0 too; train_sfd does not."""
+    import methods.sfd as sfd_module
+
+    seen, real = set(), sfd_module.generator_step
+
+    def spy(gen, teacher, fake, sched, terms, alpha, amp):
+        seen.update(terms[0][1].tolist())  # the retained term's labels
+        return real(gen, teacher, fake, sched, terms, alpha, amp)
+
+    monkeypatch.setattr(sfd_module, "generator_step", spy)
+    ctx = tiny_context(tmp_path / "run", fmnist_dir.parent)
+    cfg = dataclasses.replace(method.Config(), iterations=15, batch_size=8)
+    method(cfg).unlearn(tiny_teacher(), ctx.forget_set, ctx)
+    assert seen == distilled
+    assert SiD.Config().lr_fake == 3e-5 and SiD.Config().lr_generator == 1e-5  # cifar10_sid.yml
