@@ -8,7 +8,8 @@ Starting from the teacher theta*, minimise (paper Eq. 5, official `ddpm/runners/
 - l is the DDPM loss of the official code, ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c)||^2 summed
   over pixels and averaged over the batch, with antithetic times (t, 999 - t), no label dropout;
 - x_f is the surrogate for the forgotten classes: uniform noise in [-1, 1] (the paper's DDPM choice), labelled c_f;
-- x_r ~ generative replay: samples of the retained classes drawn once from the frozen teacher (data-free);
+- x_r ~ generative replay: samples of the retained classes drawn once from the frozen teacher (data-free), kept as
+  the official code keeps them (8-bit PNGs, each stretched to its own range) and flipped at random when drawn;
 - F is the diagonal Fisher of the teacher's loss, E_x[(d/dtheta sum_{t=0}^{999} l(x, t))^2] over teacher samples of
   every class (official `fim.py`), computed once per teacher and cached in the model store.
 
@@ -52,6 +53,22 @@ def antithetic_timesteps(n: int, g: torch.Generator, num_timesteps: int = 1000) 
     """t for half the batch and num_timesteps - 1 - t for the other half (SA/SalUn DDPM training loops)."""
     t = torch.randint(num_timesteps, (n // 2 + 1,), generator=g)
     return torch.cat([t, num_timesteps - 1 - t])[:n]
+
+
+def as_saved_png(images: torch.Tensor) -> torch.Tensor:
+    """The official replay set as it lies on disk (SA ddpm/runners/diffusion.py::sample_classes): each sample in
+    [-1, 1] clamped to [0, 1] (inverse_data_transform), stretched to its own min..max (torchvision
+    save_image(normalize=True)) and rounded to 8 bits, as uint8."""
+    x = ((images.float() + 1) / 2).clamp(0, 1)
+    low, high = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - low) / (high - low).clamp_min(1e-5)
+    return (x * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2 (torchvision RandomHorizontalFlip)."""
+    flip = torch.rand(len(x), generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def drop_labels(labels: torch.Tensor, p: float, null: int, g: torch.Generator) -> torch.Tensor:
@@ -237,6 +254,7 @@ class SelectiveAmnesia(Method):
         bar = ctx.progress(cfg.iterations, self.name, initial=start)
         for step in range(start, cfg.iterations):
             idx = torch.randint(len(x_r), (n,), generator=g)
+            x_replay = random_flip(x_r[idx], g)  # the official replay loader's RandomHorizontalFlip(0.5)
             c_f = forget[torch.randint(len(forget), (n,), generator=g)]
             x_f = surrogate_images(n, teacher.image_shape, g)
             t = antithetic_timesteps(n, g)
@@ -244,7 +262,7 @@ class SelectiveAmnesia(Method):
             t = t.to(dev)
             loss_forget = denoising_loss(unet, x_f.to(dev), c_f.to(dev), t, e_f.to(dev), amp=ctx.amp)
             loss_replay = denoising_loss(
-                unet, x_r[idx].to(dev), y_r[idx].to(dev), t, e_r.to(dev), amp=ctx.amp
+                unet, x_replay.to(dev), y_r[idx].to(dev), t, e_r.to(dev), amp=ctx.amp
             )
             penalty = ewc_penalty(dict(unet.named_parameters()), anchors, fisher)
             loss = loss_forget + cfg.gamma * loss_replay + cfg.lam * penalty
@@ -273,7 +291,7 @@ class SelectiveAmnesia(Method):
         fisher = (
             f"fisher-{sampler}-f{cfg.fisher_per_class}-t{cfg.fisher_timesteps}-p{cfg.fisher_label_dropout:g}"
         )
-        return root / f"replay-{sampler}.safetensors", root / f"{fisher}.safetensors"
+        return root / f"replay-{sampler}-png8.safetensors", root / f"{fisher}-png8.safetensors"
 
     def prepared(self, teacher):
         return all(path.is_file() and cache_record(path).is_file() for path in self._cache_files(teacher))
@@ -292,10 +310,10 @@ class SelectiveAmnesia(Method):
             seeds = [REPLAY_SEED + i for i in range(len(labels))]
             images = teacher.sample(labels, seeds, steps=cfg.replay_steps, guidance=cfg.replay_guidance,
                                     eta=cfg.replay_eta, device=ctx.device, amp=ctx.amp)  # fmt: skip
-            return {"images": images, "labels": labels}
+            return {"images": as_saved_png(images), "labels": labels}
 
         samples = _cached(replay_file, replay)
-        x, y = samples["images"], samples["labels"]
+        x, y = samples["images"].float() / 127.5 - 1, samples["labels"]  # ToTensor, then data_transform
 
         def fisher():
             per = min(cfg.fisher_per_class, cfg.replay_per_class)

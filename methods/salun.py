@@ -60,6 +60,13 @@ def saliency_mask(grads: dict[str, torch.Tensor], ratio: float) -> dict[str, tor
     return out
 
 
+def effective_alpha(cfg, image_shape: tuple[int, int, int]) -> float:
+    """alpha for this image size: alpha x (alpha_pixels / C*H*W), so alpha x D is CIFAR-10's at any resolution
+    (on CIFAR-10 at 32x32 it is alpha itself)."""
+    pixels = image_shape[0] * image_shape[1] * image_shape[2]
+    return cfg.alpha * cfg.alpha_pixels / pixels if cfg.alpha_pixels else cfg.alpha
+
+
 def relabel_loss(eps_forget: torch.Tensor, eps_relabel: torch.Tensor) -> torch.Tensor:
     """MSE(eps_theta(x_t, c_f), stop-grad eps_theta(x_t, c')), mean over all elements (torch MSELoss)."""
     return (eps_forget.float() - eps_relabel.detach().float()).square().mean()
@@ -127,6 +134,13 @@ class SalUnConfig:
     alpha: float = param(
         1e-3, "SalUn DDPM/README.md --alpha 1e-3 (maintainers, issue #19)", valid=NON_NEGATIVE
     )
+    alpha_pixels: int = param(
+        3 * 32 * 32,
+        "the image size alpha 1e-3 was chosen at (CIFAR-10, 3x32x32): the forget term is a per-element "
+        "mean and the retained term a per-pixel sum, so alpha is rescaled by alpha_pixels / (C*H*W) to keep the "
+        "retained term's weight per element (0: alpha as given)",
+        valid=Range(0),
+    )
     relabel: str = param(
         "next", "SalUn runners/diffusion.py: pseudo_c = (label_to_forget + 1) % 10; or 'random'"
     )
@@ -192,6 +206,7 @@ class SalUn(Method):
                                    grad_clip=cfg.grad_clip, g=g, device=dev, amp=ctx.amp)  # fmt: skip
             mask = saliency_mask(grads, cfg.mask_ratio)
         mask = {k: v.to(dev) for k, v in mask.items()}
+        alpha = effective_alpha(cfg, teacher.image_shape)
         unet.train()
         n = cfg.batch_size
         bar = ctx.progress(cfg.iterations, self.name, initial=start)
@@ -215,7 +230,7 @@ class SalUn(Method):
                     eps_new = unet(x_t, t_f, class_labels=c_new.to(dev)).sample
             loss_forget = relabel_loss(eps_forget, eps_new)
 
-            loss = loss_forget + cfg.alpha * loss_retain
+            loss = loss_forget + alpha * loss_retain
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

@@ -160,7 +160,9 @@ class Reference(nn.Module):
             for i_block in range(num_res_blocks + 1):
                 if i_block == num_res_blocks:
                     skip_in = ch * in_ch_mult[i_level]
-                block.append(RefResnetBlock(block_in + skip_in, block_out, dropout, temb_channels=self.temb_ch))
+                block.append(
+                    RefResnetBlock(block_in + skip_in, block_out, dropout, temb_channels=self.temb_ch)
+                )
                 block_in = block_out
                 if curr_res in attn_resolutions:
                     attn.append(RefAttnBlock(block_in))
@@ -374,7 +376,14 @@ def official_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(official_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("imported") / "teacher"
-    argv = ["import-teacher", str(official_run["ckpt"]), "--config", str(official_run["config"]), "--out", str(out)]
+    argv = [
+        "import-teacher",
+        str(official_run["ckpt"]),
+        "--config",
+        str(official_run["config"]),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     return out
 
@@ -438,14 +447,23 @@ class Payload:
 
 
 @pytest.mark.parametrize("writer", ["torch", "pickle"])
-def test_a_checkpoint_that_needs_unpickling_is_refused_and_runs_nothing(official_run, tmp_path, capsys, writer):
+def test_a_checkpoint_that_needs_unpickling_is_refused_and_runs_nothing(
+    official_run, tmp_path, capsys, writer
+):
     marker, bad = tmp_path / "ran", tmp_path / "ckpt.pth"
     payload = [{"conv_in.weight": torch.zeros(1)}, Payload(marker), 0, 1]
     if writer == "torch":
         torch.save(payload, bad)
     else:
-        bad.write_bytes(pickle.dumps(payload))
-    argv = ["import-teacher", str(bad), "--config", str(official_run["config"]), "--out", str(tmp_path / "out")]
+        bad.write_bytes(pickle.dumps(payload, protocol=2))
+    argv = [
+        "import-teacher",
+        str(bad),
+        "--config",
+        str(official_run["config"]),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "needs arbitrary unpickling" in err and "refused" in err
@@ -469,8 +487,13 @@ def test_mismatches_name_the_key(official_run, tmp_path):
         assert not out.exists()
 
     refused(lambda c: c["model"].update(ch_mult=[1, 2]), r"key `down\.1\.block\.0\.conv1\.weight` has shape")
-    refused(lambda c: c["model"].update(attn_resolutions=[16]), r"key `down\.0\.attn\.0\.norm\.weight` is missing")
-    refused(lambda c: c["model"].update(attn_resolutions=[]), r"key `down\.1\.attn\.0\.norm\.weight` is in the check")
+    refused(
+        lambda c: c["model"].update(attn_resolutions=[16]), r"key `down\.0\.attn\.0\.norm\.weight` is missing"
+    )
+    refused(
+        lambda c: c["model"].update(attn_resolutions=[]),
+        r"key `down\.1\.attn\.0\.norm\.weight` is in the check",
+    )
     refused(lambda c: c["data"].update(n_classes=9), r"key `classes_emb\.weight` has shape \(10, 128\)")
     refused(lambda c: c["model"].pop("num_res_blocks"), r"`model\.num_res_blocks` is missing")
     refused(lambda c: c["model"].update(ch=64), r"`model\.ch` is 64")
@@ -483,8 +506,12 @@ def test_mismatches_name_the_key(official_run, tmp_path):
     torch.save([sd, {}, sd, {}, 7, official_run["ema"]], tmp_path / "sfd.pth")
     refused(lambda c: None, "several networks", checkpoint=tmp_path / "sfd.pth")
     # A checkpoint with a key of another network.
-    torch.save([{**sd, "module.logvar": torch.zeros(1000)}, {}, 7, official_run["ema"]], tmp_path / "extra.pth")
-    refused(lambda c: None, r"raw weights .* key `logvar` is in the checkpoint", checkpoint=tmp_path / "extra.pth")
+    torch.save(
+        [{**sd, "module.logvar": torch.zeros(1000)}, {}, 7, official_run["ema"]], tmp_path / "extra.pth"
+    )
+    refused(
+        lambda c: None, r"raw weights .* key `logvar` is in the checkpoint", checkpoint=tmp_path / "extra.pth"
+    )
     # An existing folder is not overwritten.
     out.mkdir()
     (out / "keep").write_text("x")

@@ -63,3 +63,39 @@ def test_the_run_records_and_scores_the_anchor_it_used(tmp_path, fmnist_dir):
     assert main(argv) == 0
     (run,) = (results / "runs").iterdir()
     assert json.loads((run / "spec.json").read_text())["anchors_used"] == [3]
+
+
+def test_salun_alpha_keeps_cifar10s_weight_per_element():
+    """The forget term is a per-element mean, the retained term a per-pixel sum: alpha x D stays CIFAR-10's."""
+    import dataclasses
+
+    from methods.salun import SalUnConfig, effective_alpha
+
+    cfg = SalUnConfig()
+    assert effective_alpha(cfg, (3, 32, 32)) == cfg.alpha == 1e-3  # the paper's setting: unchanged
+    assert effective_alpha(cfg, (1, 16, 16)) * 256 == cfg.alpha * 3072  # the default preset: 12x
+    assert abs(effective_alpha(cfg, (1, 16, 16)) - 0.012) < 1e-12
+    assert effective_alpha(dataclasses.replace(cfg, alpha_pixels=0), (1, 16, 16)) == 1e-3
+
+
+def test_sa_replay_is_what_the_official_pngs_hold(tmp_path):
+    """Against torchvision's own save_image(normalize=True) round trip, as SA's sample_classes writes them."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    from methods.sa import as_saved_png, random_flip
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(6, 1, 8, 8, generator=g) * 2.4 - 1.2) * torch.linspace(0.2, 1, 6).view(-1, 1, 1, 1)
+    mine = as_saved_png(images)
+    for k in range(len(images)):
+        save_image(((images[k] + 1) / 2).clamp(0, 1), tmp_path / f"{k}.png", normalize=True)
+        png = np.asarray(Image.open(tmp_path / f"{k}.png"))[..., 0]
+        assert np.array_equal(png, mine[k, 0].numpy()), k
+    flipped = random_flip(images, torch.Generator().manual_seed(1))
+    same = [torch.equal(flipped[k], images[k]) for k in range(6)]
+    assert (
+        all(s or torch.equal(flipped[k], images[k].flip(-1)) for k, s in enumerate(same))
+        and 0 < sum(same) < 6
+    )

@@ -162,6 +162,15 @@ def check_weights(weights: dict, model: torch.nn.Module, *, what: str, path: Pat
     """Every key of the network the config describes, with its shape; the first that differs is named."""
     want = model.state_dict()
     where = f"the {what} weights of {path} do not match the network {config} describes"
+    for k, v in want.items():
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape):
+            raise BenchError(
+                f"{where}: key `{k}` has shape {tuple(weights[k].shape)} in the checkpoint, {tuple(v.shape)} in "
+                "the network (check model.ch, ch_mult, num_res_blocks, attn_resolutions, in_channels, "
+                "data.n_classes, data.image_size)"
+            )
+        if k in weights and not weights[k].is_floating_point():
+            raise BenchError(f"{where}: key `{k}` holds {weights[k].dtype}, not floating-point weights")
     missing = [k for k in want if k not in weights]
     if missing:
         raise BenchError(
@@ -172,13 +181,6 @@ def check_weights(weights: dict, model: torch.nn.Module, *, what: str, path: Pat
         raise BenchError(
             f"{where}: key `{extra[0]}` is in the checkpoint but not in the network ({len(extra)} such)"
         )
-    for k, v in want.items():
-        if tuple(weights[k].shape) != tuple(v.shape):
-            raise BenchError(f"{where}: key `{k}` has shape {tuple(weights[k].shape)} in the checkpoint, "
-                             f"{tuple(v.shape)} in the network (check model.ch, ch_mult, num_res_blocks, "
-                             "attn_resolutions, in_channels, data.n_classes, data.image_size)")  # fmt: skip
-        if not weights[k].is_floating_point():
-            raise BenchError(f"{where}: key `{k}` holds {weights[k].dtype}, not floating-point weights")
 
 
 def _network(kwargs: dict, weights: dict) -> OfficialConditionalUNet:

@@ -22,8 +22,10 @@ from bench.sampling import DiffusionModel, Sampler, load_sampler
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "models"
 MANIFEST = "MANIFEST.json"
 # Files a store folder may hold beside those its manifest lists: the manifest, lock files (locked()), and the
-# teacher's training state, which pretrain() deletes right after writing the manifest (a kill can leave it).
-UNLISTED = (MANIFEST, ".*.lock", "teacher_state.pt", "teacher_state.pt.json", "judge_state.pt", "judge_state.pt.json")
+# training states with their checksum records, which pretrain() deletes (the teacher's right after writing the
+# manifest: a kill can leave it). Each is checked against its own record when it is loaded.
+UNLISTED = (MANIFEST, ".*.lock", "teacher_state.pt", "teacher_state.pt.json", "judge_state.pt",
+            "judge_state.pt.json")  # fmt: skip
 # A judge trained alone (for an external teacher, no manifest yet) records its files' checksums here.
 JUDGE_CHECKSUMS = "checksums.json"
 
