@@ -273,7 +273,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     store.write_json(d / "spec.json", {**spec.to_dict(), "run_id": spec.run_id, "config": vars(config),
                                        "teacher": teacher_info, "data_files": data, "forget": forget_set.forget,
                                        "anchor": forget_set.anchor, "anchors_used": anchors})  # fmt: skip
-    store.write_json(d / "env.json", environment(device))
+    store.write_json(d / "env.json", {**environment(device), "ranks": world.size})
 
     torch.manual_seed(spec.seed)
     _reset_peak_memory(device)

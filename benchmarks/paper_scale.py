@@ -1,7 +1,7 @@
 """SFD at the paper's scale, without data: SFD reads no images, so its cost at full scale can be measured anywhere.
 
-The teacher is the CIFAR-10 DDPM of the official code (the `paper` preset's recipe: channels 128, multipliers
-1-2-2-2, 2 residual blocks per level, attention at 16x16, about 36M parameters, 32x32x3), randomly initialised
+The teacher is the CIFAR-10 DDPM of the official code (the `paper` preset's recipe: the official network, channels
+128, multipliers 1-2-2-2, 2 residual blocks per level, attention at 16x16, 38.6M parameters, 32x32x3), randomly initialised
 (weights do not change the cost). SFD runs its own loop with the paper's config (`cifar10_sfd.yml`) for a few
 iterations; the paper's batch is 128 retained + 128 forgotten images. On a CPU that batch takes minutes per
 iteration, so it is measured at small batches and projected linearly per image (two batches check that the time

@@ -69,8 +69,9 @@ def recording(optimiser: type, out: list):
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal up to float32 rounding, judged on the whole tensor: a slice's gradient and the batch's sum their terms
     in another order, and SiD's loss (a difference of two nearly equal denoisers) magnifies that to about 1e-4 of a
-    gradient's norm; a wrong split or a missing average would be off by the order of the gradient itself."""
-    return bool((a - b).norm() <= 2e-3 * a.norm() + 1e-8)
+    gradient's norm; a wrong split or a missing average would be off by the order of the gradient itself. (The
+    floor is for gradients that are zero but for rounding: biases just before a GroupNorm.)"""
+    return bool((a - b).norm() <= 2e-3 * a.norm() + 1e-6)
 
 
 def sfd_iteration(world, run_dir: Path, data_dir: Path, out: Path) -> None:
@@ -141,11 +142,11 @@ def test_one_teacher_step_on_two_ranks_is_the_one_process_step(tmp_path, fmnist_
 
 def sfd_run(world, run_dir: Path, data_dir: Path, out: Path, kill_after: int) -> None:
     torch.set_num_threads(1)
-    ctx = tiny_context(run_dir, data_dir)
+    ctx = tiny_context(run_dir, data_dir, checkpoint_every=1)
     ctx.world = world
     if kill_after:
         kill_after_saves(ctx, kill_after)
-    cfg = dataclasses.replace(SFD_CFG, iterations=4)
+    cfg = dataclasses.replace(SFD_CFG, iterations=2)
     try:
         model = SFD(cfg).unlearn(tiny_teacher(), ctx.forget_set, ctx)
     except Killed:
@@ -156,16 +157,16 @@ def sfd_run(world, run_dir: Path, data_dir: Path, out: Path, kill_after: int) ->
 def test_a_two_rank_run_resumes_after_a_kill(tmp_path, fmnist_dir):
     data = fmnist_dir.parent
     on_ranks(sfd_run, tmp_path / "straight", data, tmp_path / "straight", 0)
-    on_ranks(sfd_run, tmp_path / "killed", data, tmp_path / "killed", 1)  # both stop after step 2's dump
+    on_ranks(sfd_run, tmp_path / "killed", data, tmp_path / "killed", 1)  # both stop after step 1's dump
     assert not list((tmp_path / "killed").glob("rank*.pt"))
-    assert torch.load(tmp_path / "killed" / "state" / "state.pt")["step"] == 2
+    assert torch.load(tmp_path / "killed" / "state" / "state.pt")["step"] == 1
     on_ranks(sfd_run, tmp_path / "killed", data, tmp_path / "killed", 0)  # a fresh start: both ranks resume
     for rank in (0, 1):
         a = torch.load(tmp_path / "straight" / f"rank{rank}.pt")
         b = torch.load(tmp_path / "killed" / f"rank{rank}.pt")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]  # rank 0 logged each step once
+    assert [json.loads(line)["step"] for line in log] == [1, 2]  # rank 0 logged each step once
 
 
 def run_one_rank(world, results: list[Path], spec, data_dir: Path, out: Path) -> None:
@@ -177,13 +178,15 @@ def run_one_rank(world, results: list[Path], spec, data_dir: Path, out: Path) ->
     torch.set_num_threads(1)
     teacher = tiny_teacher(image_size=16)  # forked: the patch stays in this rank
     bench.runner.load_models = lambda *a, **k: (teacher, None, {"path": "tiny"})
-    runtime = Runtime(data_dir=data_dir, progress=False, checkpoint_every=1)
+    runtime = Runtime(data_dir=data_dir, progress=False)
     (out / f"status{world.rank}").write_text(launch.run_one(spec, results[world.rank], runtime, reraise=True))
 
 
 def test_only_rank_zero_writes(tmp_path, fmnist_dir):
     from bench.config import RunSpec
+    from bench.registry import EVALUATORS, METHODS
 
+    EVALUATORS.get("wallclock"), METHODS.get("sfd")  # imported here, once, rather than in each forked rank
     spec = RunSpec(method="sfd", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke",
                    overrides=(("iterations", 2),), evaluators=("wallclock",))  # fmt: skip
     results = [tmp_path / "rank0", tmp_path / "rank1"]

@@ -18,14 +18,17 @@ import yaml
 from torch import nn
 
 from bench.cli import main
+from bench.config import resolve_config
 from bench.errors import BenchError
 from bench.models.ddpm_official import OfficialConditionalUNet
 from bench.models.import_official import import_teacher
 from bench.models.store import check_external_teacher, load_external_teacher, load_teacher
 from bench.models.unet import build_unet, load_unet, num_classes_of
 from bench.presets import get_preset
+from bench.registry import METHODS
 from bench.sampling import DiffusionModel, load_sampler
 from methods import esd
+from tests.helpers import same_weights, tiny_context
 
 # ---- The independent reference ------------------------------------------------------------------------------
 
@@ -526,3 +529,31 @@ def test_checkpoint_without_ema_imports_its_raw_weights(official_run, tmp_path):
     assert record["weights"].startswith("raw") and not (tmp_path / "out" / "raw").exists()
     sd = load_sampler(tmp_path / "out").unet.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in official_run["raw"].items())
+
+
+# ---- Every method on the official network, unchanged ----------------------------------------------------------
+
+TINY_NET = {"ch": 128, "ch_mult": [1, 1], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.1,
+            "resamp_with_conv": True}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_runs_on_the_official_network(name, tmp_path, fmnist_dir, monkeypatch):
+    """Each method's smoke config on a tiny official teacher: it runs, trains (except `original`), leaves the
+    teacher untouched, returns the same backbone, and saves and reloads to the same samples."""
+    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "store"))
+    cls = METHODS.get(name)
+    ctx = tiny_context(tmp_path / "run", fmnist_dir.parent, requires=cls.requires)
+    torch.manual_seed(0)
+    teacher = DiffusionModel(ours(TINY_NET, size=8, channels=1, classes=10).eval())
+    before = {k: v.clone() for k, v in teacher.unet.state_dict().items()}
+    model = cls(resolve_config(cls, "smoke", {})).unlearn(teacher, ctx.forget_set, ctx)
+    assert type(model.unet) is OfficialConditionalUNet
+    assert all(torch.equal(v, teacher.unet.state_dict()[k]) for k, v in before.items())
+    assert same_weights(model.unet, teacher.unet) == (name == "original")
+    model.save(tmp_path / "saved")
+    again = load_sampler(tmp_path / "saved")
+    labels, seeds = torch.tensor([0, 5]), [11, 12]
+    a = model.sample(labels, seeds, steps=2, guidance=2.0)
+    assert torch.equal(a, again.sample(labels, seeds, steps=2, guidance=2.0)) and a.shape == (2, 1, 8, 8)

@@ -99,3 +99,68 @@ def test_sa_replay_is_what_the_official_pngs_hold(tmp_path):
         all(s or torch.equal(flipped[k], images[k].flip(-1)) for k, s in enumerate(same))
         and 0 < sum(same) < 6
     )
+
+
+class FakeEps:
+    """Stands for a model's guided eps: any smooth function of x and t will do for comparing two samplers."""
+
+    def eps(self, x, t, labels, guidance):
+        return torch.sin(3 * x + float(t) / 100) * guidance * 0.5
+
+
+def ldm_ddim_till(z, *, steps: int, till: int, guidance: float):
+    """An independent transcription of ldm's DDIMSampler.ddim_sampling@a2189e9 as train-esd.py calls it (uniform
+    grid + 1, t_start=-1, till_T=till, eta 0), in float64 numpy."""
+    import numpy as np
+
+    from bench.models.unet import noise_schedule
+
+    abar = noise_schedule().alphas_cumprod.double().numpy()
+    ddim_timesteps = np.asarray(list(range(0, 1000, 1000 // steps))) + 1
+    alphas = abar[ddim_timesteps]
+    alphas_prev = np.asarray([abar[0]] + abar[ddim_timesteps[:-1]].tolist())
+    timesteps = ddim_timesteps[:-1]
+    total = timesteps.shape[0]
+    img = z.double()
+    for i, step in enumerate(np.flip(timesteps)):
+        index = total - i - 1
+        e = FakeEps().eps(img, int(step), None, guidance)
+        pred_x0 = (img - np.sqrt(1 - alphas[index]) * e) / np.sqrt(alphas[index])
+        img = np.sqrt(alphas_prev[index]) * pred_x0 + np.sqrt(1 - alphas_prev[index]) * e
+        if index + 1 == till:
+            break
+    return img
+
+
+def test_esd_x_t_is_the_old_scripts():
+    from methods.esd import old_esd_time, old_esd_xt
+
+    z = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    for steps in (50, 25):
+        for k in (0, 1, 2, 17, steps - 1):
+            mine = old_esd_xt(FakeEps(), z, None, ddim_steps=steps, k=k, guidance=3.0)
+            ref = ldm_ddim_till(z, steps=steps, till=k, guidance=3.0)
+            assert torch.allclose(mine.double(), ref, atol=1e-4, rtol=1e-4), (steps, k)
+    g = torch.Generator().manual_seed(0)
+    for k in (0, 7, 49):
+        drawn = {old_esd_time(k, 50, g) for _ in range(400)}
+        assert drawn == set(
+            range(20 * k, 20 * k + 20)
+        )  # train-esd.py: t_enc_ddpm in [20 t_enc, 20 t_enc + 20)
+
+
+def test_esd_new_trains_what_esd_sd_trains():
+    """esd_sd.py's rule: the parameters of Linear and Conv2d modules outside the cross-attention."""
+    from methods.esd import CONDITIONING, trained_parameters
+    from tests.helpers import tiny_teacher
+
+    unet = tiny_teacher().unet
+    ref = {f"{m}.{n}" for m, mod in unet.named_modules() if type(mod).__name__ in ("Linear", "Conv2d")
+           and not any(p in m.split(".") for p in CONDITIONING) for n, _ in mod.named_parameters()}  # fmt: skip
+    new = trained_parameters(unet, "esd-u", "linear-conv")
+    assert new == ref and any(n.startswith("time_embedding.") for n in new) and "conv_out.weight" in new
+    assert not any("norm" in n or "class_embedding" in n or "time_emb_proj" in n for n in new)
+    old = trained_parameters(unet, "esd-u", "noxattn")
+    assert "conv_out.weight" not in old and any("norm" in n for n in old)
+    assert METHODS.get("esd").Config().timing == "old" and METHODS.get("esd-new").Config().timing == "new"
+    assert METHODS.get("esd-new").Config().train_rule == "linear-conv"
