@@ -213,6 +213,7 @@ class Method(ABC):
             "requires": sorted(cls.requires),
             "oracle": cls.oracle,
             "defaults": {f.name: (f.default, f.metadata.get("source", "")) for f in fields(cls.Config)},
+            "valid": {f.name: _valid_text(f.metadata.get("valid")) for f in fields(cls.Config)},
             "scaled": {k: {"overrides": v.overrides, "why": v.why} for k, v in cls.scaled.items()},
         }
 
@@ -242,6 +243,12 @@ NON_NEGATIVE = Range(0)  # loss weights, clipping thresholds (0 = off where the 
 FRACTION = Range(0, 1)  # probabilities and ratios
 DECAY = Range(0, 1, high_open=True)  # EMA decay and Adam betas: 1 would never move
 TIMESTEP = Range(0, 999)  # a DDPM timestep (an index) of the T = 1000 schedule every teacher uses
+
+
+def _valid_text(valid: Range | tuple[str, ...] | None) -> str:
+    if isinstance(valid, tuple):
+        return " | ".join(valid)
+    return "" if valid is None else str(valid)
 
 
 def param(default, source: str, valid: Range | tuple[str, ...] | None = None):

@@ -188,7 +188,8 @@ def cmd_show(args) -> None:
     print(f"  requires real data: {', '.join(card['requires']) or 'none (data-free)'}")
     print("  defaults:")
     for field, (default, source) in card["defaults"].items():
-        print(f"    {field:<22} {default!s:<12} {source}")
+        valid = card["valid"][field]
+        print(f"    {field:<22} {default!s:<12} {source}{f'  [valid: {valid}]' if valid else ''}")
     for preset, s in card["scaled"].items():
         print(f"  preset {preset}: {json.dumps(s['overrides'])}\n    why: {s['why']}")
 

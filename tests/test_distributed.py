@@ -142,7 +142,7 @@ def test_one_teacher_step_on_two_ranks_is_the_one_process_step(tmp_path, fmnist_
 
 def sfd_run(world, run_dir: Path, data_dir: Path, out: Path, kill_after: int) -> None:
     torch.set_num_threads(1)
-    ctx = tiny_context(run_dir, data_dir, checkpoint_every=1)
+    ctx = tiny_context(run_dir, data_dir, checkpoint_every=1 if kill_after else 100)  # dumps only to be killed
     ctx.world = world
     if kill_after:
         kill_after_saves(ctx, kill_after)

@@ -1,1 +1,1 @@
-"""Teacher backbones (class-conditional diffusers UNets) and judge classifiers."""
+"""Teacher backbones (a diffusers UNet2DModel, or the official SA/SalUn/SFD DDPM network) and judge classifiers."""

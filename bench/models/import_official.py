@@ -208,7 +208,8 @@ def import_teacher(ckpt: Path, *, config: Path, out: Path, command: str = "") ->
     check_weights(parts["raw"], reference, what="raw", path=ckpt, config=config)
     if use_ema:
         check_weights(parts["ema"], reference, what="EMA", path=ckpt, config=config)
-    tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.importing-{os.getpid()}"  # written whole, then renamed into place
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         DiffusionModel(_network(kwargs, parts["ema"] if use_ema else parts["raw"])).save(tmp)
@@ -227,7 +228,6 @@ def import_teacher(ckpt: Path, *, config: Path, out: Path, command: str = "") ->
         }  # fmt: skip
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
         share(tmp)
-        out.parent.mkdir(parents=True, exist_ok=True)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
