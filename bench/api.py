@@ -297,6 +297,10 @@ class Evaluator(ABC):
     def __call__(self, samples: SampleSet, ctx: EvalContext) -> list[tuple[Metric, float, int]]:
         """(metric, value, n) for each metric; a value that cannot be computed raises."""
 
+    def row_fields(self, ctx: EvalContext) -> dict[str, Any]:
+        """Columns every row of this evaluator carries besides the tidy ones (e.g. the FID's reference set)."""
+        return {}
+
 
 @dataclass
 class EvalContext:

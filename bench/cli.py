@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--clip-model", type=Path, default=None, help="transformers CLIP folder: enables clip_score"
     )
+    run.add_argument("--fid-reference", choices=["train", "test"], default=None,
+                     help="real images of the Frechet distances: the retained classes' train or test split "
+                     "(default: the preset's; paper: train, as the papers)")  # fmt: skip
     _runtime_args(run)
 
     status = sub.add_parser(
@@ -240,6 +243,7 @@ def _evaluators(args) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     from bench.registry import EVALUATORS
 
     given = {"inception_weights": getattr(args, "inception_weights", None),
+             "fid_reference": getattr(args, "fid_reference", None),
              "clip_model": getattr(args, "clip_model", None)}  # fmt: skip
     names = args.evaluators or [
         e for e in EVALUATORS if not EVALUATORS.get(e).needs or given.get(EVALUATORS.get(e).needs)

@@ -50,6 +50,9 @@ class Preset:
     guidance: float  # classifier-free guidance scale (1 = conditional only, no unconditional pass)
     eta: float  # DDIM eta (0 deterministic DDIM, 1 ancestral DDPM)
     eval_per_class: int  # generated images per class on the evaluation grid
+    # Real images the Frechet distances compare with: the retained classes' "test" split, or their "train" split as
+    # the papers do (SA save_base_dataset.py: every CIFAR-10 training image of the remaining classes, 45k).
+    fid_reference: str = "test"
     models_from: str = (
         ""  # preset whose shipped teacher and judge this one reuses (models.store.recipe_preset)
     )
@@ -97,7 +100,7 @@ PRESETS = {
             backbone="official-ddpm", attn_resolutions=(16,), dropout=0.1,  # cifar10_train.yml model:
         ),
         judge=JudgeRecipe(widths=(64, 128, 256), epochs=30, batch_size=128, lr=1e-3),
-        sampler_steps=1000, guidance=3.0, eta=1.0, eval_per_class=5000,
+        sampler_steps=1000, guidance=3.0, eta=1.0, eval_per_class=5000, fid_reference="train",
     ),
 }  # fmt: skip
 

@@ -196,6 +196,13 @@ def eval_grid(num_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor
     return labels, seeds
 
 
+def sampling_fields(model, preset) -> dict:
+    """How the evaluation grid was sampled, carried by every row: a one-step generator takes no steps or guidance."""
+    if model.kind == "one-step":
+        return {"sampler": "one-step", "guidance": None}
+    return {"sampler": f"ddim-{preset.sampler_steps} eta {preset.eta:g}", "guidance": preset.guidance}
+
+
 def check_config(spec: RunSpec, d: Path) -> None:
     """Refuse a run folder made with another config than the code now resolves for its spec (a preset's scaling
     or a paper default changed since): its figures would not be what the spec means today, and resuming it
@@ -332,19 +339,22 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         forget_set=forget_set,
         judge=judge,
         device=device,
-        options=dict(spec.options),
+        options={"fid_reference": preset.fid_reference, **dict(spec.options)},
         anchors=anchors,
     )
     rows = []
+    sampled = sampling_fields(model, preset)
     for ev in evaluators:
         with phases("evaluate"):
             measured = ev(samples, ectx)
+            extra = ev.row_fields(ectx)
         for metric, value, n in measured:
             rows.append({"run_id": spec.run_id, "method": spec.method, "dataset": spec.dataset,
                          "forget_set": spec.forget_set, "seed": spec.seed, "evaluator": ev.name,
                          "metric": metric.name, "subset": metric.subset, "value": float(value), "n": int(n),
                          "higher_is_better": metric.higher_is_better, "unit": metric.unit, "preset": spec.preset,
-                         "evaluator_version": ev.version, "method_version": method_cls.version})  # fmt: skip
+                         "evaluator_version": ev.version, "method_version": method_cls.version, **sampled,
+                         **extra})  # fmt: skip
     with phases("write"):
         store.write_metrics(d / "metrics.jsonl", rows)
     store.write_json(d / "timings.json", phases.summary())

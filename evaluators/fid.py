@@ -5,9 +5,10 @@ fd_judge is not Inception FID and is never reported under that name: the judge i
 distance is comparable across methods on one dataset and preset, not with published FIDs. fid_inception is
 torch-fidelity's FID (its Inception-v3 feature extractor with TF1-compatible resizing to 299x299, and its
 Frechet distance, computed in sample space when there are fewer images than features) between the generations
-and the real test images of the retained classes, both at the run's resolution (grayscale repeated to RGB). The
-reference features of a dataset's test split are computed once per weights file and resolution and cached
-(models.store.cache_dir()); the statistics of any subset of classes come from them.
+and the real images of the retained classes (the test split, or at the paper preset the train split, as the papers
+compare with every training image of the remaining classes), both at the run's resolution (grayscale repeated to
+RGB). The reference features of a split are computed once per weights file and resolution and cached
+(models.store.cache_dir()); the statistics of any forget set's retained classes come from them.
 """
 
 from __future__ import annotations
@@ -162,14 +163,15 @@ def inception_features(net: nn.Module, images: torch.Tensor, *, device, batch_si
     return torch.cat(out).numpy()
 
 
-def reference_features(dataset, net: nn.Module, digest: str, *, device) -> tuple[np.ndarray, np.ndarray]:
-    """Inception features and labels of the dataset's whole test split, cached per dataset, resolution and weights."""
-    x, y = dataset.images("test")
+def reference_features(dataset, net: nn.Module, digest: str, *, device, split: str = "test"):
+    """Inception features and labels of a whole split of the dataset, cached per dataset, split, resolution and
+    weights (the statistics of any forget set's retained classes come from them)."""
+    x, y = dataset.images(split)
     h = hashlib.sha256(digest.encode())
     h.update(to_uint8_rgb(x).numpy().tobytes())
     h.update(y.numpy().tobytes())
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset.name)
-    path = cache_dir() / "fid_inception" / f"{slug}-{dataset.image_size}px-test-{h.hexdigest()[:16]}.npz"
+    path = cache_dir() / "fid_inception" / f"{slug}-{dataset.image_size}px-{split}-{h.hexdigest()[:16]}.npz"
     if path.is_file():
         try:
             with np.load(path) as f:
@@ -177,7 +179,11 @@ def reference_features(dataset, net: nn.Module, digest: str, *, device) -> tuple
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
     log.info(
-        "fid: Inception features of the %d real test images of %s (cached in %s)", len(x), dataset.name, path
+        "fid: Inception features of the %d real %s images of %s (cached in %s)",
+        len(x),
+        split,
+        dataset.name,
+        path,
     )
     feats = inception_features(net, x, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,11 +218,12 @@ def frechet_from_features(real: np.ndarray, fake: np.ndarray) -> float:
     return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * nuclear)
 
 
-def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights: str, *, device) -> float:
-    """FID between `fake` and the real test images of `classes` (Inception features by torch-fidelity)."""
+def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights: str, *, device,
+                  split: str = "test") -> float:  # fmt: skip
+    """FID between `fake` and the real `split` images of `classes` (Inception features by torch-fidelity)."""
     check_finite_images(fake, "generated images")
     net, digest = load_inception(weights)
-    real, labels = reference_features(dataset, net, digest, device=device)
+    real, labels = reference_features(dataset, net, digest, device=device, split=split)
     real = real[np.isin(labels, classes)]
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(
@@ -227,8 +234,10 @@ def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights
 
 @EVALUATORS.register("fid")
 class FID(Evaluator):
-    """fd_judge on the retained classes: generations conditioned on them vs the real test images of them; and
-    fid_inception on the same images when Inception weights are given (--inception-weights or the hub cache)."""
+    """fd_judge on the retained classes: generations conditioned on them vs the real images of them (the test
+    split, or the train split as the papers use at the paper preset: --fid-reference); and fid_inception on the
+    same images when Inception weights are given (--inception-weights or the hub cache). Each row names its
+    reference and how many real images it holds (`reference`, `reference_n`)."""
 
     name = "fid"
     version = "1"
@@ -236,6 +245,7 @@ class FID(Evaluator):
 
     @classmethod
     def resolve_options(cls, given):
+        reference = {"fid_reference": given["fid_reference"]} if given.get("fid_reference") else {}
         path = given.get("inception_weights") or hub_inception_file()
         if not path:
             log.info(
@@ -243,15 +253,25 @@ class FID(Evaluator):
                 "Frechet distance in the judge's features, not comparable with published FIDs",
                 HUB_NAMES[0], Path(torch.hub.get_dir()) / "checkpoints",
             )  # fmt: skip
-            return {}
+            return reference
         path = Path(path).expanduser().resolve()
         load_inception(path)  # a wrong file fails here, before any run starts
-        return {"inception_weights": str(path)}
+        return {"inception_weights": str(path), **reference}
+
+    @staticmethod
+    def reference_split(ctx: EvalContext) -> str:
+        return ctx.options.get("fid_reference", "test")
+
+    def row_fields(self, ctx: EvalContext) -> dict:
+        split = self.reference_split(ctx)
+        n = len(ctx.dataset.images(split, ctx.forget_set.retain)[1])
+        return {"reference": f"{split} split, retained classes", "reference_n": n}
 
     def __call__(self, samples: SampleSet, ctx: EvalContext):
         retain = ctx.forget_set.retain
         keep = torch.isin(samples.labels, torch.tensor(retain))
-        real, _ = ctx.dataset.images("test", retain)
+        split = self.reference_split(ctx)
+        real, _ = ctx.dataset.images(split, retain)
         fake = samples.images[keep]
         check_finite_images(fake, "generated images of the retained classes")
         if len(fake) < 2 or len(real) < 2:
@@ -261,6 +281,6 @@ class FID(Evaluator):
         rows = [(FD_JUDGE, frechet_distance(ctx.judge, real, fake, device=ctx.device), len(fake))]
         weights = ctx.options.get("inception_weights")
         if weights:
-            value = fid_inception(ctx.dataset, retain, fake, weights, device=ctx.device)
+            value = fid_inception(ctx.dataset, retain, fake, weights, device=ctx.device, split=split)
             rows.append((FID_INCEPTION, value, len(fake)))
         return rows

@@ -226,3 +226,22 @@ def test_pretrain_nproc_is_refused_on_slurm(capsys):
 
     assert main(["pretrain", "--launcher", "slurm", "--cluster", "local", "--nproc", "2"]) == 2
     assert "--nproc with --launcher slurm" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_a_run_on_two_ranks(tmp_path, fmnist_dir):
+    """`bench run --launcher local --nproc 2`: one submitit job of 2 tasks that join as ranks (gloo)."""
+    from bench import launch
+    from bench.config import RunSpec
+    from bench.context import Runtime
+
+    spec = RunSpec(method="sfd", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke",
+                   overrides=(("iterations", 2),), evaluators=("wallclock",))  # fmt: skip
+    runtime = Runtime(data_dir=fmnist_dir.parent, progress=False, nproc=2)
+    launched = launch.launch([spec], tmp_path, runtime, launcher="local", workers=1, poll_s=0.2)
+    d = store.run_dir(tmp_path, spec.run_id)
+    assert launched.states[spec.run_id].state == "done", (d / launch.ERROR).read_text()
+    assert json.loads((d / "env.json").read_text())["ranks"] == 2
+    assert len((d / launch.ATTEMPTS).read_text().splitlines()) == 1  # rank 0 alone keeps the records
+    job = launched.job_ids[0]
+    assert {p.name for p in (tmp_path / "jobs").glob(f"{job}_*_log.err")} == {f"{job}_0_log.err", f"{job}_1_log.err"}

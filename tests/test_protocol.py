@@ -164,3 +164,33 @@ def test_esd_new_trains_what_esd_sd_trains():
     assert "conv_out.weight" not in old and any("norm" in n for n in old)
     assert METHODS.get("esd").Config().timing == "old" and METHODS.get("esd-new").Config().timing == "new"
     assert METHODS.get("esd-new").Config().train_rule == "linear-conv"
+
+
+def test_fid_rows_name_their_reference_and_the_paper_preset_uses_the_train_split(tmp_path, capsys):
+    from bench.presets import get_preset
+    from bench.store import read_metrics
+    from tests.test_inputs import write_fmnist
+
+    assert get_preset("paper").fid_reference == "train" and get_preset("default").fid_reference == "test"
+    data = write_fmnist(tmp_path / "data")  # 500 train images, 100 test images
+    got = {}
+    for reference in ("test", "train"):
+        results = tmp_path / reference
+        assert main(["run", "--methods", "original", "--preset", "smoke", "--results", str(results), "--data-dir",
+                     str(data), "--fid-reference", reference, "--evaluators", "fid"]) == 0  # fmt: skip
+        (run,) = (results / "runs").iterdir()
+        (row,) = [r for r in read_metrics(run / "metrics.jsonl") if r["metric"] == "fd_judge"]
+        assert (
+            row["reference"] == f"{reference} split, retained classes" and row["sampler"] == "ddim-10 eta 0"
+        )
+        got[reference] = row
+    labels = fixture_labels()
+    assert got["train"]["reference_n"] == int((labels != 0).sum())
+    assert got["test"]["reference_n"] == int((labels[:100] != 0).sum())
+    assert got["train"]["value"] != got["test"]["value"]
+
+
+def fixture_labels():
+    from tests.conftest import fixture_images
+
+    return fixture_images()[1]
