@@ -19,7 +19,7 @@ from bench.api import Dataset, ForgetSet
 from bench.errors import BenchError
 from bench.presets import Preset
 from bench.store import atomic_write_text
-from bench.training import load_state, save_state
+from bench.training import global_rng_state, load_state, save_state, set_global_rng_state
 
 if TYPE_CHECKING:
     from bench.sampling import Sampler
@@ -149,7 +149,7 @@ class RunContext:
             return
         with self._service():
             extra = {"_generators": {k: g.get_state() for k, g in self._generators.items()},
-                     "_elapsed": self.elapsed()}  # fmt: skip
+                     "_elapsed": self.elapsed(), "_global_rng": global_rng_state()}  # fmt: skip
             save_state(self.state_path, {**state, **extra})
 
     def load_state(self) -> dict | None:
@@ -164,6 +164,7 @@ class RunContext:
                 "run with --force (replaces the whole run)"))  # fmt: skip
         for name, s in state.pop("_generators").items():
             self.generator(name).set_state(s)
+        set_global_rng_state(state.pop("_global_rng", None))
         self.elapsed_before = state.pop("_elapsed")
         self._started, self.probe_s = time.perf_counter(), 0.0
         if isinstance(state.get("step"), int):  # methods log step k after k steps, and dump "step": k

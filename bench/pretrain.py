@@ -18,7 +18,16 @@ from bench.models.judge import JudgeCNN, judge_probs
 from bench.models.unet import build_unet
 from bench.presets import Preset
 from bench.sampling import DiffusionModel
-from bench.training import EMA, ddpm_loss, load_state, remove_state, save_state, warmup_lambda
+from bench.training import (
+    EMA,
+    ddpm_loss,
+    global_rng_state,
+    load_state,
+    remove_state,
+    save_state,
+    set_global_rng_state,
+    warmup_lambda,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +116,9 @@ def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         g.set_state(state["rng"])
+        set_global_rng_state(
+            state.get("global_rng")
+        )  # the UNet's dropout draws from torch's global generator
         start = state["step"]
         log.info("resuming teacher training at step %d from %s", start, state_path)
     x, y = dataset.images("train")
@@ -130,7 +142,8 @@ def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if ((step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps) and world.is_main:
             save_state(state_path, {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                    "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1})  # fmt: skip
+                                    "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1,
+                                    "global_rng": global_rng_state()})  # fmt: skip
     bar.close()
     return DiffusionModel(ema.model.cpu())
 
@@ -165,7 +178,9 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
         xt, yt = dataset.images("test")
         judge_acc = (judge_probs(judge, xt, device=device).argmax(-1) == yt).float().mean().item()
     else:
-        judge, judge_acc = train_judge(dataset, preset, seed=seed, device=device, state_path=out / "judge_state.pt")
+        judge, judge_acc = train_judge(
+            dataset, preset, seed=seed, device=device, state_path=out / "judge_state.pt"
+        )
         store.save_judge(judge, judge_dir, widths=preset.judge.widths)
         remove_state(out / "judge_state.pt")
     log.info("judge test accuracy %.4f", judge_acc)

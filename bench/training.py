@@ -36,6 +36,23 @@ class EMA:
         self.model.load_state_dict(state)
 
 
+def global_rng_state() -> dict:
+    """torch's global generators (CPU, and every CUDA device's): UNet dropout draws from them, so a state dump
+    that resumes to the same weights must hold them."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict | None) -> None:
+    if not state:  # a dump written before the global generators were kept
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def warmup_lambda(warmup_steps: int):
     """Linear learning-rate warm-up, then constant (the DDPM training recipe)."""
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))

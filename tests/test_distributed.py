@@ -93,7 +93,8 @@ def test_one_sfd_iteration_on_two_ranks_is_the_one_process_iteration(tmp_path, f
         assert all(torch.equal(a, b) for a, b in zip(g2, ga, strict=True))  # the ranks agree exactly
         assert all(close(a, b) for a, b in zip(g1, g2, strict=True))
         assert sum(a.abs().sum() for a in g1) > 0
-    for k, w in one["weights"].items():  # Adam (beta1 0) moves most weights by lr = 1e-5 in the gradient's sign
+    # Adam (beta1 0) moves most weights by lr = 1e-5 in the gradient's sign
+    for k, w in one["weights"].items():
         assert torch.equal(r0["weights"][k], r1["weights"][k])
         assert torch.allclose(w, r0["weights"][k], rtol=0, atol=1e-7), k
     # rank 0 logs the losses of the global batch (the mean of the ranks' slices)
@@ -142,7 +143,7 @@ def test_one_teacher_step_on_two_ranks_is_the_one_process_step(tmp_path, fmnist_
 
 def sfd_run(world, run_dir: Path, data_dir: Path, out: Path, kill_after: int) -> None:
     torch.set_num_threads(1)
-    ctx = tiny_context(run_dir, data_dir, checkpoint_every=1 if kill_after else 100)  # dumps only to be killed
+    ctx = tiny_context(run_dir, data_dir, checkpoint_every=1 if kill_after else 100)  # dumps: to be killed
     ctx.world = world
     if kill_after:
         kill_after_saves(ctx, kill_after)
@@ -244,4 +245,5 @@ def test_local_launcher_runs_a_run_on_two_ranks(tmp_path, fmnist_dir):
     assert json.loads((d / "env.json").read_text())["ranks"] == 2
     assert len((d / launch.ATTEMPTS).read_text().splitlines()) == 1  # rank 0 alone keeps the records
     job = launched.job_ids[0]
-    assert {p.name for p in (tmp_path / "jobs").glob(f"{job}_*_log.err")} == {f"{job}_0_log.err", f"{job}_1_log.err"}
+    logs = {p.name for p in (tmp_path / "jobs").glob(f"{job}_*_log.err")}
+    assert logs == {f"{job}_0_log.err", f"{job}_1_log.err"}  # one task per rank

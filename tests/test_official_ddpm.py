@@ -557,3 +557,32 @@ def test_every_method_runs_on_the_official_network(name, tmp_path, fmnist_dir, m
     labels, seeds = torch.tensor([0, 5]), [11, 12]
     a = model.sample(labels, seeds, steps=2, guidance=2.0)
     assert torch.equal(a, again.sample(labels, seeds, steps=2, guidance=2.0)) and a.shape == (2, 1, 8, 8)
+
+
+def test_a_run_with_dropout_resumes_to_the_same_weights(tmp_path, fmnist_dir):
+    """UNet dropout draws from torch's global generator: state dumps keep it, so resuming is still bit-exact."""
+    from bench.sampling import DiffusionModel
+    from methods.finetune import Finetune, FinetuneConfig
+    from tests.helpers import Killed, kill_after_saves, same_weights, tiny_context
+
+    def teacher():
+        torch.manual_seed(0)
+        net = ours({**SMALL, "ch_mult": [1]}, size=8, channels=1, classes=10)
+        net.load_state_dict(randomise(net, 0))
+        return DiffusionModel(net.eval())
+
+    cfg = FinetuneConfig(iterations=4, batch_size=4)
+
+    def run(folder, kill=None):
+        ctx = tiny_context(folder, fmnist_dir.parent, requires={"retain"}, checkpoint_every=1)
+        if kill:
+            kill_after_saves(ctx, kill)
+        torch.manual_seed(1)  # the runner seeds the global generator before unlearning
+        return Finetune(cfg).unlearn(teacher(), ctx.forget_set, ctx)
+
+    full = run(tmp_path / "full")
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", kill=2)
+    torch.manual_seed(123)  # whatever the new process's generator holds
+    resumed = run(tmp_path / "killed")
+    assert same_weights(full.unet, resumed.unet)
