@@ -27,6 +27,12 @@ class TeacherRecipe:
     backbone: str = "diffusers-unet2d"
     attn_resolutions: tuple[int, ...] = ()  # official-ddpm: resolutions (pixels) with self-attention
     dropout: float = 0.0  # official-ddpm: residual-block dropout
+    # The training loop: the default teacher's recipe (shipped; its MANIFEST records it) averages the squared error
+    # over every element and draws t uniformly; cifar10_train.yml's (the paper preset) sums it over pixels, draws
+    # antithetic t and flips images at random (SA ddpm/runners/diffusion.py::train, functions/losses.py).
+    loss: str = "mean"  # "mean" over elements | "sum" over pixels, mean over the batch
+    antithetic: bool = False
+    flip: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,9 @@ PRESETS = {
         image_size=None,
         teacher=TeacherRecipe(
             block_out_channels=(128, 256, 256, 256), layers_per_block=2, attention=(False, True, False, False),
-            norm_num_groups=32, steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+            norm_num_groups=32, steps=800_000, batch_size=128, lr=2e-4, warmup_steps=0, ema_decay=0.9999,
             backbone="official-ddpm", attn_resolutions=(16,), dropout=0.1,  # cifar10_train.yml model:
+            loss="sum", antithetic=True, flip=True,  # SA runners/diffusion.py::train (no warm-up there either)
         ),
         judge=JudgeRecipe(widths=(64, 128, 256), epochs=30, batch_size=128, lr=1e-3),
         sampler_steps=1000, guidance=3.0, eta=1.0, eval_per_class=5000, fid_reference="train",

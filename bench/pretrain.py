@@ -23,6 +23,7 @@ from bench.training import (
     ddpm_loss,
     global_rng_state,
     load_state,
+    random_flip,
     remove_state,
     save_state,
     set_global_rng_state,
@@ -130,7 +131,10 @@ def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.
         idx = torch.randint(len(x), (recipe.batch_size,), generator=g)
         x0, labels = x[idx], y[idx].clone()
         labels[torch.rand(len(labels), generator=g) < recipe.label_dropout] = null
-        loss = ddpm_loss(unet, x0, labels, g, device=device, amp=amp, shard=world.shard)
+        if recipe.flip:
+            x0 = random_flip(x0, g)
+        loss = ddpm_loss(unet, x0, labels, g, device=device, amp=amp, reduction=recipe.loss,
+                         antithetic=recipe.antithetic, shard=world.shard)  # fmt: skip
         opt.zero_grad(set_to_none=True)
         loss.backward()
         world.average_gradients(unet)

@@ -114,16 +114,23 @@ def load_state(path: Path, *, remedy: str = "") -> dict:
 
 
 def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator, *, device: torch.device,
-              amp: bool = False, reduction: str = "mean", shard=None) -> torch.Tensor:  # fmt: skip
+              amp: bool = False, reduction: str = "mean", antithetic: bool = False, shard=None) -> torch.Tensor:  # fmt: skip
     """The DDPM denoising loss ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t, c)||^2, t ~ U{0..999}.
 
+    `reduction`: "mean" over every element, "sum" over each image's pixels then mean over the batch (the official
+    SA/SalUn/SFD loss, functions/losses.py::noise_estimation_loss_conditional), or "none" (each image's mean).
+    `antithetic`: t for half the batch and 999 - t for the other half, as the official training loops draw it.
     Randomness (t, eps) comes from the CPU generator `g`, so a run is reproducible and resumable. `shard`
     (a data-parallel World's shard) takes this rank's slice of the global batch after all of it is drawn.
     """
     from bench.models.unet import noise_schedule
 
     abar = noise_schedule().alphas_cumprod
-    t = torch.randint(len(abar), (len(x0),), generator=g)
+    if antithetic:
+        half = torch.randint(len(abar), (len(x0) // 2 + 1,), generator=g)
+        t = torch.cat([half, len(abar) - 1 - half])[: len(x0)]
+    else:
+        t = torch.randint(len(abar), (len(x0),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     if shard is not None:
         x0, labels, t, noise = shard(x0), shard(labels), shard(t), shard(noise)
@@ -132,4 +139,15 @@ def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, g: torch.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         pred = unet(x_t, t.to(device), class_labels=labels.to(device)).sample
     err = (pred.float() - noise.to(device)) ** 2
-    return err.mean() if reduction == "mean" else err.flatten(1).mean(1)
+    if reduction == "mean":
+        return err.mean()
+    if reduction == "sum":
+        return err.flatten(1).sum(1).mean()
+    return err.flatten(1).mean(1)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2 (torchvision RandomHorizontalFlip, the official data
+    transform with random_flip: true)."""
+    flip = torch.rand(len(x), generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)

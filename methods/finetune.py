@@ -29,6 +29,12 @@ class FinetuneConfig:
     label_dropout: float = param(
         0.1, "teacher's CFG dropout (SA/SalUn/SFD cifar10_train.yml)", valid=FRACTION
     )
+    loss: str = param(
+        "sum",
+        "SalUn DDPM/functions/losses.py: squared error summed over pixels, mean over the batch",
+        valid=("mean", "sum"),
+    )
+    antithetic: bool = param(True, "SalUn DDPM/runners/diffusion.py: t and 999 - t")
 
 
 @METHODS.register("finetune")
@@ -60,7 +66,8 @@ class Finetune(Method):
             idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
             labels = y[idx].clone()
             labels[torch.rand(len(labels), generator=g) < cfg.label_dropout] = teacher.num_classes
-            loss = ddpm_loss(unet, x[idx], labels, g, device=ctx.device, amp=ctx.amp)
+            loss = ddpm_loss(unet, x[idx], labels, g, device=ctx.device, amp=ctx.amp, reduction=cfg.loss,
+                             antithetic=cfg.antithetic)  # fmt: skip
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

@@ -18,10 +18,11 @@ from bench.api import DECAY, FRACTION, POSITIVE, Method, Range, Scaled, param
 from bench.presets import PRESETS, TeacherRecipe
 from bench.registry import METHODS
 from bench.sampling import DiffusionModel
-from bench.training import EMA, ddpm_loss, warmup_lambda
+from bench.training import EMA, ddpm_loss, random_flip, warmup_lambda
 
 SRC = "paper preset teacher recipe (SA/SalUn/SFD cifar10_train.yml)"
-RECIPE_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "label_dropout", "grad_clip")
+RECIPE_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "label_dropout", "grad_clip", "loss",
+                 "antithetic", "flip")  # fmt: skip
 _PAPER = PRESETS["paper"].teacher
 
 
@@ -38,6 +39,14 @@ class RetrainConfig:
     ema_decay: float = param(_PAPER.ema_decay, f"{SRC} model.ema_rate", valid=DECAY)
     label_dropout: float = param(_PAPER.label_dropout, f"{SRC} model.cond_drop_prob", valid=FRACTION)
     grad_clip: float = param(_PAPER.grad_clip, f"{SRC} optim.grad_clip", valid=POSITIVE)
+    loss: str = param(
+        _PAPER.loss,
+        "SA ddpm/functions/losses.py: squared error summed over pixels, mean over the batch ('mean': "
+        "over every element, the default preset teacher's recipe)",
+        valid=("mean", "sum"),
+    )
+    antithetic: bool = param(_PAPER.antithetic, "SA ddpm/runners/diffusion.py::train: t and 999 - t")
+    flip: bool = param(_PAPER.flip, f"{SRC} data.random_flip")
 
 
 def _recipe(recipe: TeacherRecipe) -> dict:
@@ -83,7 +92,9 @@ class Retrain(Method):
             idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
             labels = y[idx].clone()
             labels[torch.rand(len(labels), generator=g) < cfg.label_dropout] = null
-            loss = ddpm_loss(unet, x[idx], labels, g, device=dev, amp=ctx.amp)
+            x0 = random_flip(x[idx], g) if cfg.flip else x[idx]
+            loss = ddpm_loss(unet, x0, labels, g, device=dev, amp=ctx.amp, reduction=cfg.loss,
+                             antithetic=cfg.antithetic)  # fmt: skip
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

@@ -42,7 +42,7 @@ from bench.models.unet import noise_schedule, num_classes_of
 from bench.registry import METHODS
 from bench.sampling import DiffusionModel, autocast
 from bench.store import atomic_write_text
-from bench.training import EMA
+from bench.training import EMA, random_flip
 
 SRC = "SA ddpm/configs/cifar10_forget.yml"
 REPLAY_SEED = 1_000_003  # replay images depend on the teacher only, so every run of a teacher shares them
@@ -63,12 +63,6 @@ def as_saved_png(images: torch.Tensor) -> torch.Tensor:
     low, high = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
     x = (x - low) / (high - low).clamp_min(1e-5)
     return (x * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-
-
-def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Each image mirrored left-right with probability 1/2 (torchvision RandomHorizontalFlip)."""
-    flip = torch.rand(len(x), generator=g) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def drop_labels(labels: torch.Tensor, p: float, null: int, g: torch.Generator) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""ESD, SA and SalUn on the shipped fashion-mnist teacher at the default preset: each at least halves the judge's
-accuracy on class-0 generations relative to `original` while retained classes stay recognisable (>= 0.6)."""
+"""ESD, SA, SalUn, SFR-on, GA, RL and EraseDiff on the shipped fashion-mnist teacher at the default preset: each at
+least halves the judge's accuracy on class-0 generations relative to `original` while retained classes stay
+recognisable (>= 0.6), or is a strict expected failure with its measured figures."""
 
 import pytest
 
@@ -11,7 +12,7 @@ from bench.runner import execute
 
 pytestmark = pytest.mark.slow
 
-BASELINES = ("esd", "sa", "salun")
+BASELINES = ("esd", "sa", "salun", "sfron", "ga", "rl", "erasediff")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,18 @@ SA_AT_CPU_SCALE = pytest.mark.xfail(
 )
 
 
+GA_COLLAPSES = pytest.mark.xfail(
+    strict=True,
+    reason="measured: GA (alpha 1, SalUn's --method ga) erases class 0 by its 15th iteration but takes the retained "
+    "classes with it (retained accuracy about 0.10, fd_judge 38-75 on the probe grid): the unbounded ascent term "
+    "outweighs the retained one. Strict: if GA starts keeping the retained classes, this fails.",
+)
+EXPECTED_FAILURES = {"sa": SA_AT_CPU_SCALE, "ga": GA_COLLAPSES}
+
+
 @pytest.mark.parametrize(
-    "method", [m if m != "sa" else pytest.param(m, marks=SA_AT_CPU_SCALE) for m in BASELINES]
+    "method",
+    [pytest.param(m, marks=EXPECTED_FAILURES[m]) if m in EXPECTED_FAILURES else m for m in BASELINES],
 )
 def test_baseline_forgets_class_0_and_keeps_the_rest(figures, method):
     got, original = figures[method], figures["original"]

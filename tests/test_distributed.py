@@ -183,21 +183,23 @@ def run_one_rank(world, results: list[Path], spec, data_dir: Path, out: Path) ->
     (out / f"status{world.rank}").write_text(launch.run_one(spec, results[world.rank], runtime, reraise=True))
 
 
-def test_only_rank_zero_writes(tmp_path, fmnist_dir):
+@pytest.mark.parametrize("method", ["sfd", "original"])  # data-parallel, and run by rank 0 alone
+def test_only_rank_zero_writes(tmp_path, fmnist_dir, method):
     from bench.config import RunSpec
     from bench.registry import EVALUATORS, METHODS
 
-    EVALUATORS.get("wallclock"), METHODS.get("sfd")  # imported here, once, rather than in each forked rank
-    spec = RunSpec(method="sfd", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke",
-                   overrides=(("iterations", 2),), evaluators=("wallclock",))  # fmt: skip
+    EVALUATORS.get("wallclock"), METHODS.get(method)  # imported here, once, rather than in each forked rank
+    spec = RunSpec(method=method, dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke",
+                   overrides=(("iterations", 2),) if method == "sfd" else (), evaluators=("wallclock",))  # fmt: skip
     results = [tmp_path / "rank0", tmp_path / "rank1"]
     on_ranks(run_one_rank, results, spec, fmnist_dir.parent, tmp_path)
     assert (tmp_path / "status0").read_text() == (tmp_path / "status1").read_text() == "done"
     d = store.run_dir(results[0], spec.run_id)
     assert store.is_done(d) and (d / "job.json").is_file() and (d / "model" / "unlearn.json").is_file()
     assert len((d / "attempts.jsonl").read_text().splitlines()) == 1
-    assert len((d / "train_log.jsonl").read_text().splitlines()) == 2
     assert json.loads((d / "env.json").read_text())["ranks"] == 2
+    if method == "sfd":
+        assert len((d / "train_log.jsonl").read_text().splitlines()) == 2
     assert not results[1].exists()  # rank 1 made no folder and wrote no file
 
 
@@ -220,6 +222,20 @@ def test_the_launchers_ask_for_one_task_per_rank(tmp_path):
     spec = RunSpec(method="original", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke")
     with pytest.raises(BenchError, match="--nproc 2 needs --launcher local or slurm"):
         launch.launch([spec], tmp_path, Runtime(progress=False, nproc=2), launcher="inline")
+
+
+def test_local_workers_get_gpus_of_their_own(monkeypatch):
+    from bench import launch
+    from bench.context import Runtime
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert launch._local_gpus(Runtime(device="cuda", nproc=2), workers=2) == [(0, 1), (2, 3)]
+    assert launch._local_gpus(Runtime(device="cuda", nproc=3), workers=2) == [(0, 1, 2), (3, 0, 1)]  # shared
+    assert launch._local_gpus(Runtime(device="cpu", nproc=2), workers=2) == []
+    with pytest.raises(BenchError, match="one GPU per process, and this machine has 4"):
+        launch._local_gpus(Runtime(device="cuda", nproc=5), workers=1)
+    with pytest.raises(BenchError, match="use --device cuda"):
+        launch._local_gpus(Runtime(device="cuda:1"), workers=1)
 
 
 def test_pretrain_nproc_is_refused_on_slurm(capsys):

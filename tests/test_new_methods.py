@@ -99,8 +99,12 @@ def test_bome_lambda_is_eta_minus_the_gradient_cosine():
     for a, b in cases:
         got = erasediff.bome_lambda(torch.tensor(a), torch.tensor(b, dtype=torch.float), 0.1)
         assert got == pytest.approx(official(np.array(a), np.array(b, dtype=float), 0.1), abs=1e-6)
-    assert erasediff.bome_lambda(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), 0.1) == pytest.approx(0.1)
-    assert erasediff.bome_lambda(torch.tensor([1.0, -2.0]), torch.tensor([-1.0, 2.0]), 0.1) == pytest.approx(1.1)
+    assert erasediff.bome_lambda(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), 0.1) == pytest.approx(
+        0.1
+    )
+    assert erasediff.bome_lambda(torch.tensor([1.0, -2.0]), torch.tensor([-1.0, 2.0]), 0.1) == pytest.approx(
+        1.1
+    )
 
 
 def test_upper_objective_treats_the_inner_value_as_a_constant():
@@ -127,7 +131,9 @@ def test_lower_level_restores_the_weights_and_keeps_adams_moments(tmp_path, fmni
     unet = tiny_teacher().unet.train()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.Adam(unet.parameters(), lr=1e-2)
-    method = erasediff.EraseDiff(resolve_config(erasediff.EraseDiff, "smoke", {"inner_images": 5, "batch_size": 2}))
+    method = erasediff.EraseDiff(
+        resolve_config(erasediff.EraseDiff, "smoke", {"inner_images": 5, "batch_size": 2})
+    )
     x, y = torch.randn(7, 1, 8, 8), torch.zeros(7, dtype=torch.long)
     calls = []
 
@@ -139,7 +145,9 @@ def test_lower_level_restores_the_weights_and_keeps_adams_moments(tmp_path, fmni
     inner = method._lower_level(unet, opt, x, y, forget_loss, torch.Generator().manual_seed(0))
     assert [n for n, _ in calls] == [2, 2, 1] * 2  # K = 2 passes over 5 images in batches of 2
     last = calls[3:]
-    assert inner == pytest.approx(sum(n * v for n, v in last) / 5)  # batch-size-weighted mean of the last pass
+    assert inner == pytest.approx(
+        sum(n * v for n, v in last) / 5
+    )  # batch-size-weighted mean of the last pass
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     assert all(s["step"] == 6 and s["exp_avg"].abs().sum() > 0 for s in opt.state.values())
 
@@ -193,7 +201,9 @@ def test_relabel_predictions_drop_each_pass_independently():
     null = torch.full_like(labels, 10)
     eps_f, eps_new = rl.relabel_predictions(unet, x_t, t, labels, targets, 1.0, g)
     with torch.no_grad():
-        assert torch.allclose(eps_f, unet(x_t, t, class_labels=null).sample) and torch.allclose(eps_f, eps_new)
+        assert torch.allclose(eps_f, unet(x_t, t, class_labels=null).sample) and torch.allclose(
+            eps_f, eps_new
+        )
 
 
 def test_rl_checks_its_relabel_choice():

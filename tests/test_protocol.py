@@ -84,7 +84,8 @@ def test_sa_replay_is_what_the_official_pngs_hold(tmp_path):
     from PIL import Image
     from torchvision.utils import save_image
 
-    from methods.sa import as_saved_png, random_flip
+    from bench.training import random_flip
+    from methods.sa import as_saved_png
 
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(6, 1, 8, 8, generator=g) * 2.4 - 1.2) * torch.linspace(0.2, 1, 6).view(-1, 1, 1, 1)
@@ -118,7 +119,7 @@ def ldm_ddim_till(z, *, steps: int, till: int, guidance: float):
     abar = noise_schedule().alphas_cumprod.double().numpy()
     ddim_timesteps = np.asarray(list(range(0, 1000, 1000 // steps))) + 1
     alphas = abar[ddim_timesteps]
-    alphas_prev = np.asarray([abar[0]] + abar[ddim_timesteps[:-1]].tolist())
+    alphas_prev = np.asarray([abar[0], *abar[ddim_timesteps[:-1]].tolist()])
     timesteps = ddim_timesteps[:-1]
     total = timesteps.shape[0]
     img = z.double()
@@ -194,3 +195,36 @@ def fixture_labels():
     from tests.conftest import fixture_images
 
     return fixture_images()[1]
+
+
+def test_the_official_ddpm_loss_sums_over_pixels_and_draws_antithetic_times():
+    from bench.presets import get_preset
+    from bench.training import ddpm_loss
+    from tests.helpers import tiny_teacher
+
+    unet = tiny_teacher().unet
+    x0, labels = torch.randn(6, 1, 8, 8), torch.arange(6)
+
+    def loss(**kw):
+        return ddpm_loss(unet, x0, labels, torch.Generator().manual_seed(0), device=torch.device("cpu"), **kw)
+
+    assert torch.allclose(loss(reduction="sum"), loss(reduction="mean") * 64, rtol=1e-5)
+    assert torch.allclose(loss(reduction="none").mean(), loss(reduction="mean"), rtol=1e-5)
+    seen = []
+    real = unet.forward
+    unet.forward = lambda x, t, **kw: (seen.append(t.clone()), real(x, t, **kw))[1]
+    loss(antithetic=True)
+    t = seen[0]
+    assert torch.equal(t[4:], 999 - t[:2])  # cat(t, 999 - t)[:n] for n // 2 + 1 draws, as SA and SalUn do
+    paper, default = get_preset("paper").teacher, get_preset("default").teacher
+    assert (paper.loss, paper.antithetic, paper.flip, paper.warmup_steps, paper.dropout) == (
+        "sum",
+        True,
+        True,
+        0,
+        0.1,
+    )
+    assert (default.loss, default.antithetic, default.flip) == ("mean", False, False)  # the shipped teacher's
+    for method in ("finetune", "retrain"):
+        cfg = resolve_config(METHODS.get(method), "paper", {})
+        assert (cfg.loss, cfg.antithetic) == ("sum", True), method
