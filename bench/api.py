@@ -178,6 +178,9 @@ class Method(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()  # real data it reads: {"forget", "retain"}
     scaled: ClassVar[dict[str, Scaled]] = {}  # preset name -> budget scaling
     oracle: ClassVar[bool] = False
+    # The teacher weights the official code starts from: "ema" (the sampling weights), or "raw" (SA and SalUn load
+    # the checkpoint's states[0]) where the teacher keeps them (start_weights).
+    starts_from: ClassVar[str] = "ema"
     # Whether unlearn() splits its global batch over the ranks of a multi-process run (ctx.world, see
     # bench/distributed.py); a method that does not is run by rank 0 alone.
     data_parallel: ClassVar[bool] = False
@@ -191,6 +194,11 @@ class Method(ABC):
     @abstractmethod
     def unlearn(self, teacher: Sampler, forget_set: ForgetSet, ctx: RunContext) -> Sampler:
         """Return the unlearned model; everything outside the model comes through ctx."""
+
+    def start_weights(self, teacher: Sampler) -> Sampler:
+        """The teacher as the method starts from it: its raw weights when the method's official code starts there
+        and the teacher has them, else its EMA weights (recorded in the run's spec.json)."""
+        return teacher.raw if self.starts_from == "raw" and teacher.raw is not None else teacher
 
     def anchors(self, forget_set: ForgetSet) -> tuple[int, ...]:
         """The classes this method sends forgotten conditions to, which `to_anchor[forget]` scores against: the

@@ -145,11 +145,12 @@ class RunContext:
 
     def save_state(self, state: dict) -> None:
         """Dump a resumable state (rank 0 writes it; the ranks hold the same state, and all read it back)."""
+        global_rng = self.world.pack(global_rng_state())  # each rank's (its own dropout masks)
         if not self.world.is_main:
             return
         with self._service():
             extra = {"_generators": {k: g.get_state() for k, g in self._generators.items()},
-                     "_elapsed": self.elapsed(), "_global_rng": global_rng_state()}  # fmt: skip
+                     "_elapsed": self.elapsed(), "_global_rng": global_rng}  # fmt: skip
             save_state(self.state_path, {**state, **extra})
 
     def load_state(self) -> dict | None:
@@ -164,7 +165,7 @@ class RunContext:
                 "run with --force (replaces the whole run)"))  # fmt: skip
         for name, s in state.pop("_generators").items():
             self.generator(name).set_state(s)
-        set_global_rng_state(state.pop("_global_rng", None))
+        set_global_rng_state(self.world.unpack(state.pop("_global_rng", None)))
         self.elapsed_before = state.pop("_elapsed")
         self._started, self.probe_s = time.perf_counter(), 0.0
         if isinstance(state.get("step"), int):  # methods log step k after k steps, and dump "step": k

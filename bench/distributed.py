@@ -14,6 +14,7 @@ code paths are the same on one rank and on many, and a one-rank run computes exa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -90,6 +91,22 @@ class World:
         if self.size > 1:
             dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def pack(self, value):
+        """Every rank's `value` as a list, on every rank (a collective: all ranks call it); the value itself on one
+        rank. For what differs between ranks and must survive a resume: torch's global generators."""
+        if self.size == 1:
+            return value
+        out = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+    def unpack(self, packed):
+        """This rank's entry of what `pack` gave (None when it has none: resumed on more ranks, or a one-rank
+        value on a rank other than 0)."""
+        if isinstance(packed, list):
+            return packed[self.rank] if self.rank < len(packed) else None
+        return packed if self.rank == 0 else None
+
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (a small picklable value, e.g. a decision)."""
         if self.size == 1:
@@ -97,6 +114,15 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
+
+
+def rank_seed(seed: int, world: World) -> int:
+    """The seed of torch's global generators (which UNet dropout draws from) on this rank: the run's own on rank 0,
+    one derived from it on each other rank, so that the ranks draw independent dropout masks for their slices (the
+    official DDP code seeds rank r's CUDA generator with seed + r)."""
+    if world.rank == 0:
+        return seed
+    return int(hashlib.sha256(f"{seed}/rank{world.rank}".encode()).hexdigest()[:15], 16)
 
 
 SINGLE = World()

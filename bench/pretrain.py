@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bench import distributed
 from bench.api import Dataset
 from bench.distributed import SINGLE, World
 from bench.models import store
@@ -106,6 +107,8 @@ def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.
     unet = build_unet(recipe, image_size=dataset.image_size, channels=dataset.channels,
                       num_classes=dataset.num_classes).to(device)  # fmt: skip
     ema = EMA(unet, recipe.ema_decay)
+    if world.rank:  # the same initial weights on every rank, then dropout masks of its own
+        torch.manual_seed(distributed.rank_seed(seed, world))
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(recipe.warmup_steps))
     g = torch.Generator().manual_seed(seed)
@@ -118,7 +121,7 @@ def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.
         sched.load_state_dict(state["sched"])
         g.set_state(state["rng"])
         set_global_rng_state(
-            state.get("global_rng")
+            world.unpack(state.get("global_rng"))
         )  # the UNet's dropout draws from torch's global generator
         start = state["step"]
         log.info("resuming teacher training at step %d from %s", start, state_path)
@@ -144,12 +147,16 @@ def train_teacher(dataset: Dataset, preset: Preset, *, seed: int, device: torch.
         ema.update(unet)
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if ((step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps) and world.is_main:
-            save_state(state_path, {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                    "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1,
-                                    "global_rng": global_rng_state()})  # fmt: skip
+        if (step + 1) % checkpoint_every == 0 or step + 1 == recipe.steps:
+            global_rng = world.pack(global_rng_state())  # each rank's: its dropout masks
+            if world.is_main:
+                save_state(state_path, {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                        "sched": sched.state_dict(), "rng": g.get_state(), "step": step + 1,
+                                        "global_rng": global_rng})  # fmt: skip
     bar.close()
-    return DiffusionModel(ema.model.cpu())
+    teacher = DiffusionModel(ema.model.cpu())
+    teacher.raw = DiffusionModel(unet.eval().cpu())  # kept beside the EMA weights (teacher/raw/)
+    return teacher
 
 
 def recognisability(teacher: DiffusionModel, judge, preset: Preset, *, num_classes: int, per_class: int,
@@ -193,6 +200,7 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
             dataset, preset, seed=seed, device=device, state_path=out / "teacher_state.pt", amp=amp
         )
     teacher.save(out / "teacher")
+    teacher.raw.save(out / "teacher" / "raw")
     per_class = recognisability(teacher, judge, preset, num_classes=dataset.num_classes, per_class=check_per_class,
                                 device=device)  # fmt: skip
     command = (f"bench pretrain --dataset {dataset.name} --preset {preset.model_key} --seed {seed} "
@@ -214,7 +222,6 @@ def pretrain_named(dataset: str, preset: str, *, seed: int, out_root: Path, data
     """`bench pretrain` as one call, by names: also the body of its SLURM job, which a requeue calls again (the
     teacher's training resumes from its state dump; a finished judge is loaded, not retrained). In a job of
     several tasks (or processes that `bench pretrain --nproc` started) the teacher trains data-parallel."""
-    from bench import distributed
     from bench.context import Runtime
     from bench.data import make_dataset
     from bench.presets import get_preset

@@ -196,6 +196,15 @@ def eval_grid(num_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor
     return labels, seeds
 
 
+def teacher_weights(method_cls, teacher) -> dict:
+    """Which teacher weights the method started from: its EMA weights, or its raw ones where the official code
+    starts there and the teacher keeps them (the shipped default teacher has EMA weights only)."""
+    wants = method_cls.starts_from
+    used = "raw" if wants == "raw" and teacher.raw is not None else "ema"
+    note = "" if used == wants else "the teacher keeps EMA weights only"
+    return {"started_from": used, "official": wants, **({"note": note} if note else {})}
+
+
 def sampling_fields(model, preset) -> dict:
     """How the evaluation grid was sampled, carried by every row: a one-step generator takes no steps or guidance."""
     if model.kind == "one-step":
@@ -233,7 +242,7 @@ def check_config(spec: RunSpec, d: Path) -> None:
 def _help_unlearn(spec, d, runtime, method, teacher, preset, dataset, forget_set, world) -> Path:
     """A rank other than 0 of a data-parallel run: the same unlearning as rank 0 (which holds the same model at
     the end), on this rank's slice of every batch; its RunContext writes nothing."""
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(distributed.rank_seed(spec.seed, world))  # its own dropout masks
     ctx = RunContext(run_dir=d, seed=spec.seed, preset=preset, dataset=dataset, forget_set=forget_set,
                      requires=type(method).requires, runtime=runtime, world=world)  # fmt: skip
     teacher.unet.to(runtime.torch_device)
@@ -279,7 +288,8 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     d.mkdir(parents=True, exist_ok=True)  # only now: bad data or models leave no run folder behind
     store.write_json(d / "spec.json", {**spec.to_dict(), "run_id": spec.run_id, "config": vars(config),
                                        "teacher": teacher_info, "data_files": data, "forget": forget_set.forget,
-                                       "anchor": forget_set.anchor, "anchors_used": anchors})  # fmt: skip
+                                       "anchor": forget_set.anchor, "anchors_used": anchors,
+                                       "teacher_weights": teacher_weights(method_cls, teacher)})  # fmt: skip
     store.write_json(d / "env.json", {**environment(device), "ranks": world.size})
 
     torch.manual_seed(spec.seed)

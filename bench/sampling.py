@@ -35,6 +35,8 @@ class Sampler(ABC):
     """A class-conditional generator of images in [-1, 1]; `kind` names how it is sampled."""
 
     kind: str
+    # A teacher's raw (non-EMA) weights, where its folder keeps them (raw/): the official SA and SalUn start there.
+    raw: Sampler | None = None
 
     def __init__(self, unet: UNet2DModel):
         self.unet = unet

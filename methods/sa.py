@@ -130,12 +130,14 @@ def diagonal_fisher(unet: nn.Module, x: torch.Tensor, y: torch.Tensor, *, timest
     return {n: (f / len(x)).cpu() for n, f in zip(names, fisher, strict=True)}
 
 
-def teacher_digest(unet: nn.Module) -> str:
-    """sha256 of the teacher's weights (names and bytes), so a different teacher never reuses a cache."""
+def teacher_digest(unet: nn.Module, start: nn.Module | None = None) -> str:
+    """sha256 of the teacher's weights (names and bytes), and of the weights the Fisher is taken at when they are
+    others (its raw weights), so a different teacher never reuses a cache."""
     h = hashlib.sha256()
-    for name, tensor in sorted(unet.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for net in (unet,) if start is None or start is unet else (unet, start):
+        for name, tensor in sorted(net.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -210,6 +212,7 @@ class SelectiveAmnesia(Method):
     paper = "Heng & Soh, Selective Amnesia, NeurIPS 2023 (arXiv 2305.10120); DDPM surrogate: uniform noise"
     Config = SAConfig
     requires = frozenset()
+    starts_from = "raw"  # runners/diffusion.py::train_forget and save_fim load states[0]
     scaled = {
         "smoke": Scaled({"iterations": 3, "batch_size": 4, "replay_per_class": 2, "replay_steps": 2,
                          "fisher_per_class": 1, "fisher_timesteps": 4, "ema_decay": 0.5}, "seconds-long test runs"),
@@ -233,9 +236,11 @@ class SelectiveAmnesia(Method):
         x_r, y_r = x_replay[keep], y_replay[keep]
         fisher = {k: v.to(dev) for k, v in fisher.items()}
 
-        unet = copy.deepcopy(teacher.unet).to(dev).train()
+        # The official train_forget: the model and theta* are the teacher's raw weights (states[0]), the EMA starts
+        # from the teacher's EMA shadow (states[-1]); a teacher with EMA weights only starts all three there.
+        unet = copy.deepcopy(self.start_weights(teacher).unet).to(dev).train()
         anchors = {n: p.detach().clone() for n, p in unet.named_parameters()}
-        ema = EMA(unet, cfg.ema_decay)
+        ema = EMA(teacher.unet.to(dev), cfg.ema_decay)
         opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, 0.999), eps=cfg.adam_eps)
         g = ctx.generator("sa")
         start = 0
@@ -278,7 +283,7 @@ class SelectiveAmnesia(Method):
     def _cache_files(self, teacher: DiffusionModel) -> tuple[Path, Path]:
         """Where the replay samples and the Fisher of this teacher and these settings are cached."""
         cfg = self.config
-        root = store.user_store() / "sa" / teacher_digest(teacher.unet)
+        root = store.user_store() / "sa" / teacher_digest(teacher.unet, self.start_weights(teacher).unet)
         sampler = (
             f"n{cfg.replay_per_class}-s{cfg.replay_steps}-w{cfg.replay_guidance:g}-eta{cfg.replay_eta:g}"
         )
@@ -312,7 +317,9 @@ class SelectiveAmnesia(Method):
         def fisher():
             per = min(cfg.fisher_per_class, cfg.replay_per_class)
             pick = torch.cat([torch.nonzero(y == c).flatten()[:per] for c in range(k)])
-            unet = copy.deepcopy(teacher.unet).to(ctx.device).eval()
+            unet = (
+                copy.deepcopy(self.start_weights(teacher).unet).to(ctx.device).eval()
+            )  # save_fim: states[0]
             bar = ctx.progress(len(pick), "sa fisher")
             out = diagonal_fisher(unet, x[pick], y[pick], timesteps=cfg.fisher_timesteps,
                                   label_dropout=cfg.fisher_label_dropout, g=torch.Generator().manual_seed(FISHER_SEED),

@@ -165,6 +165,7 @@ class SalUn(Method):
     paper = "Fan et al., SalUn, ICLR 2024 (arXiv 2310.12508); random-label variant with a 50% saliency mask"
     Config = SalUnConfig
     requires = frozenset({"forget", "retain"})
+    starts_from = "raw"  # runners/diffusion.py::saliency_unlearn and generate_mask load states[0], no EMA
     scaled = {
         "smoke": Scaled({"iterations": 3, "batch_size": 4, "mask_images": 8}, "seconds-long test runs"),
         "default": Scaled(
@@ -189,7 +190,7 @@ class SalUn(Method):
         dev, null = ctx.device, teacher.num_classes
         x_f, y_f = ctx.data("forget")
         x_r, y_r = ctx.data("retain")
-        unet = copy.deepcopy(teacher.unet).to(dev)
+        unet = copy.deepcopy(self.start_weights(teacher).unet).to(dev)  # the mask is computed there too
         params = dict(unet.named_parameters())
         g = ctx.generator("salun")
         opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, 0.999), eps=cfg.adam_eps)

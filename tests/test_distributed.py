@@ -203,6 +203,24 @@ def test_only_rank_zero_writes(tmp_path, fmnist_dir, method):
     assert not results[1].exists()  # rank 1 made no folder and wrote no file
 
 
+def global_generators(world, run_dir: Path, data_dir: Path, out: Path) -> None:
+    torch.manual_seed(distributed.rank_seed(0, world))
+    ctx = tiny_context(run_dir, data_dir)
+    ctx.save_state({"step": 1})  # all ranks call it; rank 0 writes every rank's global generator
+    saved = torch.get_rng_state()
+    torch.rand(5)
+    ctx.load_state()
+    (out / f"rng{world.rank}").write_text(str(torch.equal(torch.get_rng_state(), saved)))
+    torch.save(saved, out / f"state{world.rank}.pt")
+
+
+def test_each_rank_resumes_its_own_dropout_stream(tmp_path, fmnist_dir):
+    on_ranks(global_generators, tmp_path / "run", fmnist_dir.parent, tmp_path)
+    assert (tmp_path / "rng0").read_text() == (tmp_path / "rng1").read_text() == "True"
+    assert not torch.equal(torch.load(tmp_path / "state0.pt"), torch.load(tmp_path / "state1.pt"))
+    assert distributed.rank_seed(7, distributed.SINGLE) == 7  # rank 0 keeps the one-process stream
+
+
 def test_a_global_batch_must_split_evenly():
     world = distributed.World(rank=1, size=2)
     assert world.shard(torch.arange(6)).tolist() == [3, 4, 5]

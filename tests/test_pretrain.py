@@ -93,3 +93,24 @@ def test_pretrain_writes_a_verified_store(tmp_path, fmnist_dir):
     (out / "judge" / "config.json").write_text("{}")
     with pytest.raises(BenchError, match=r"judge/config.json does not match its checksum"):
         store.verify(out)
+
+
+def test_teachers_keep_their_raw_weights_and_sa_and_salun_start_there(tmp_path, fmnist_dir):
+    """The official SA and SalUn load the checkpoint's raw weights (states[0]); the others sample the EMA ones."""
+    from bench.registry import METHODS
+    from bench.runner import teacher_weights
+
+    ds = FashionMNIST(data_dir=fmnist_dir.parent, image_size=8)
+    out = pretrain(ds, TINY_PRESET, seed=0, out_root=tmp_path, device=torch.device("cpu"))
+    store.verify(out)  # raw/ is listed in the manifest like every other file
+    teacher = store.load_teacher(out / "teacher")
+    assert teacher.raw is not None and not same_weights(teacher.unet, teacher.raw.unet)
+    for name in ("sa", "salun"):
+        method = METHODS.get(name)(METHODS.get(name).Config())
+        assert method.start_weights(teacher) is teacher.raw
+        assert teacher_weights(METHODS.get(name), teacher) == {"started_from": "raw", "official": "raw"}
+    sfd = METHODS.get("sfd")(METHODS.get("sfd").Config())
+    assert sfd.start_weights(teacher) is teacher
+    shipped = store.load_teacher(store.find_models("fashion-mnist", "default", 0) / "teacher")
+    assert shipped.raw is None
+    assert teacher_weights(METHODS.get("sa"), shipped)["note"] == "the teacher keeps EMA weights only"

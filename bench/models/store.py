@@ -184,9 +184,13 @@ def load_run_model(directory: Path) -> tuple[Sampler, float]:
 
 
 def load_teacher(directory: Path) -> DiffusionModel:
+    """A teacher folder's EMA weights, with its raw weights as `.raw` where it keeps them (raw/: every teacher
+    trained or imported since they are kept; the shipped default teacher has EMA weights only)."""
     teacher = load_sampler(directory)
     if not isinstance(teacher, DiffusionModel):
         raise BenchError(f"{directory} holds a {teacher.kind} model, not a diffusion teacher")
+    if (directory / "raw" / "sampler.json").is_file():
+        teacher.raw = load_sampler(directory / "raw")
     return teacher
 
 
@@ -264,4 +268,12 @@ def load_external_teacher(
     except Exception as e:
         raise BenchError(f"--teacher {path}: cannot load the UNet in {unet_dir}: {e}") from e
     unet.register_to_config(sample_size=image_size)  # a square [s, s] becomes s, as the samplers expect
-    return DiffusionModel(unet.eval())
+    teacher = DiffusionModel(unet.eval())
+    raw = Path(path) / "raw"
+    if (raw / "unet" / "config.json").is_file():  # bench import-teacher keeps the raw weights there
+        try:
+            teacher.raw = DiffusionModel(load_unet(raw / "unet").eval())
+        except Exception as e:
+            raise BenchError(f"--teacher {path}: cannot load the raw weights in {raw}: {e}") from e
+        teacher.raw.unet.register_to_config(sample_size=image_size)
+    return teacher
