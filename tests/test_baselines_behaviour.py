@@ -52,7 +52,14 @@ GA_COLLAPSES = pytest.mark.xfail(
     "classes with it (retained accuracy about 0.10, fd_judge 38-75 on the probe grid): the unbounded ascent term "
     "outweighs the retained one. Strict: if GA starts keeping the retained classes, this fails.",
 )
-EXPECTED_FAILURES = {"sa": SA_AT_CPU_SCALE, "ga": GA_COLLAPSES}
+ERASEDIFF_AT_CPU_SCALE = pytest.mark.xfail(
+    strict=True,
+    reason="measured: EraseDiff keeps class 0 at the default preset (forget accuracy 0.92 on the probe grid at every "
+    "probe, as the teacher; 36 of its 288 upper steps): its upper forget term, 0.1 x a random-label MSE of about "
+    "0.005, is tiny against the pixel-summed retained loss (about 8), and the lower-level steps are undone each "
+    "round. Strict: if EraseDiff starts forgetting at this budget, this fails and the method card must be updated.",
+)
+EXPECTED_FAILURES = {"sa": SA_AT_CPU_SCALE, "ga": GA_COLLAPSES, "erasediff": ERASEDIFF_AT_CPU_SCALE}
 
 
 @pytest.mark.parametrize(

@@ -209,6 +209,7 @@ def global_generators(world, run_dir: Path, data_dir: Path, out: Path) -> None:
     ctx.save_state({"step": 1})  # all ranks call it; rank 0 writes every rank's global generator
     saved = torch.get_rng_state()
     torch.rand(5)
+    world.barrier()  # rank 0 has written the dump (a run reads it back only at its next start)
     ctx.load_state()
     (out / f"rng{world.rank}").write_text(str(torch.equal(torch.get_rng_state(), saved)))
     torch.save(saved, out / f"state{world.rank}.pt")
