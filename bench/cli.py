@@ -348,18 +348,18 @@ def cmd_pretrain(args) -> None:
         if args.cluster is None:
             raise BenchError(f"--launcher slurm needs --cluster NAME ({', '.join(clusters.cluster_names())}) or a "
                              ".toml path")  # fmt: skip
-        if args.nproc > 1:
-            raise BenchError("--nproc with --launcher slurm: bench pretrain runs one task on SLURM; use --nproc "
-                             "inline, on one machine")  # fmt: skip
         cfg = clusters.load_cluster(args.cluster, args.sets)
         folder = out_root / "jobs"
-        job = prerequisites.submit_call(cfg, folder, "bench-pretrain", pretrain_named, kwargs)
+        ranks = (
+            clusters.rank_params(cfg, args.nproc) if args.nproc > 1 else None
+        )  # one task per rank (and GPU)
+        job = prerequisites.submit_call(cfg, folder, "bench-pretrain", pretrain_named, kwargs, params=ranks)
         print(f"submitted the pretraining as SLURM job {job.job_id} (requeued and resumed on a time limit); "
               f"logs in {folder}")  # fmt: skip
         if not args.wait:
             return
         try:
-            out = job.result()  # waits for the job, requeues included
+            out = job.results()[0]  # waits for the job (every task), requeues included; rank 0's result
         except (
             submitit.core.utils.UncompletedJobError
         ) as e:  # failed or cancelled: its traceback is in the log

@@ -142,10 +142,10 @@ class RequeueableJob(submitit.helpers.Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
 
-def submit_call(
-    cfg: dict, folder: Path, name: str, fn, kwargs: dict, *, after: list[str] = ()
-) -> submitit.Job:
-    """Submit fn(**kwargs) as a requeueable job (after the jobs `after`, if they succeed)."""
+def submit_call(cfg: dict, folder: Path, name: str, fn, kwargs: dict, *, after: list[str] = (),
+                params: dict | None = None) -> submitit.Job:  # fmt: skip
+    """Submit fn(**kwargs) as a requeueable job (after the jobs `after`, if they succeed), with extra submitit
+    `params` (e.g. clusters.rank_params for several tasks)."""
     from bench import clusters
     from bench.launch import ENV_PREFIXES
 
@@ -153,7 +153,7 @@ def submit_call(
     extra = dict(cfg.get("additional") or {})
     if after:
         extra |= {"dependency": "afterok:" + ":".join(after), "kill-on-invalid-dep": "yes"}
-    ex.update_parameters(name=name, slurm_additional_parameters=extra)
+    ex.update_parameters(name=name, slurm_additional_parameters=extra, **(params or {}))
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
     try:
         return ex.submit(RequeueableJob(), fn, kwargs, env)

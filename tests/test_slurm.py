@@ -310,13 +310,14 @@ def test_missing_models_and_caches_are_jobs_the_array_waits_for(env, tmp_path, c
     assert main([*args, "--dry-run"]) == 0 and "2 runs, 0 to do" in capsys.readouterr().out
 
 
-def test_pretrain_on_slurm_is_a_job_of_its_own(env, tmp_path, capsys):
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_pretrain_on_slurm_is_a_job_of_its_own(env, tmp_path, capsys, nproc):
     from tests.fixtures_real import write_imagefolder
 
     folder = write_imagefolder(tmp_path / "images", per_class=6)
     store_root = tmp_path / "store"
     assert main(["pretrain", "--dataset", f"imagefolder:{folder}", "--preset", "smoke", "--out", str(store_root),
-                 "--launcher", "slurm", "--cluster", "local", "--wait"]) == 0  # fmt: skip
+                 "--launcher", "slurm", "--cluster", "local", "--nproc", nproc, "--wait"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "submitted the pretraining as SLURM job" in out and "teacher and judge written to" in out
     assert list(store_root.rglob("MANIFEST.json"))
