@@ -276,7 +276,7 @@ def summary_table(rows) -> str:
 
 
 def cmd_run(args) -> None:
-    from bench import launch, store
+    from bench import launch, status, store
     from bench.context import Runtime
 
     cluster_sets = [s for s in args.sets if s.startswith("slurm.")]  # the cluster preset's, not a method's
@@ -308,7 +308,7 @@ def cmd_run(args) -> None:
                 else "nothing to submit"
             )
             return
-        launched.states = launch.follow(args.results, [s.run_id for s in plan.todo + plan.active])
+        launched.states = status.follow(args.results, [s.run_id for s in plan.todo + plan.active])
     if not launched.states:
         return
     done = [s.run_id for s in launched.states.values() if s.state == "done"]
@@ -318,19 +318,19 @@ def cmd_run(args) -> None:
     held = {rid: s for rid, s in launched.states.items() if s.state in ("pending", "running")}
     if held:  # another `bench run` took them first: they are its to finish
         print(f"{len(held)} runs are held by another process; `bench status --results {args.results}` follows "
-              f"them:\n{launch.format_states(held)}")  # fmt: skip
+              f"them:\n{status.format_states(held)}")  # fmt: skip
     failed = {rid: s for rid, s in launched.states.items() if s.state not in ("done", "pending", "running")}
     if failed:
         raise BenchError(f"{len(failed)} of {len(launched.states)} runs did not finish; rerun the same command "
-                         f"to retry them:\n{launch.format_states(failed)}")  # fmt: skip
+                         f"to retry them:\n{status.format_states(failed)}")  # fmt: skip
 
 
 def cmd_status(args) -> None:
-    from bench import launch
+    from bench import status
 
     if not (args.results / "runs").is_dir():
         raise BenchError(f"--results {args.results}: no runs there (expected {args.results / 'runs'}/RUN_ID)")
-    print(launch.format_states(launch.run_states(args.results)))
+    print(status.format_states(status.run_states(args.results)))
 
 
 def cmd_pretrain(args) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import distributed, store
+from bench import distributed, status, store
 from bench.data.fashion_mnist import FashionMNIST
 from bench.errors import BenchError
 from bench.presets import get_preset
@@ -257,11 +257,33 @@ def test_local_workers_get_gpus_of_their_own(monkeypatch):
         launch._local_gpus(Runtime(device="cuda:1"), workers=1)
 
 
-def test_pretrain_nproc_is_refused_on_slurm(capsys):
+def test_pretrain_on_slurm_asks_for_one_task_per_rank(monkeypatch, tmp_path):
+    """(tests/test_slurm.py runs it on a real cluster.)"""
+    from bench import prerequisites
     from bench.cli import main
 
-    assert main(["pretrain", "--launcher", "slurm", "--cluster", "local", "--nproc", "2"]) == 2
-    assert "--nproc with --launcher slurm" in capsys.readouterr().err
+    asked = {}
+
+    def submit(cfg, folder, name, fn, kwargs, *, after=(), params=None):
+        asked.update(params or {})
+        raise SystemExit(0)
+
+    monkeypatch.setattr(prerequisites, "submit_call", submit)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "pretrain",
+                "--launcher",
+                "slurm",
+                "--cluster",
+                "example-gpu",
+                "--nproc",
+                "4",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    assert asked == {"tasks_per_node": 4, "gpus_per_node": 4}
 
 
 @pytest.mark.slow
@@ -276,9 +298,9 @@ def test_local_launcher_runs_a_run_on_two_ranks(tmp_path, fmnist_dir):
     runtime = Runtime(data_dir=fmnist_dir.parent, progress=False, nproc=2)
     launched = launch.launch([spec], tmp_path, runtime, launcher="local", workers=1, poll_s=0.2)
     d = store.run_dir(tmp_path, spec.run_id)
-    assert launched.states[spec.run_id].state == "done", (d / launch.ERROR).read_text()
+    assert launched.states[spec.run_id].state == "done", (d / status.ERROR).read_text()
     assert json.loads((d / "env.json").read_text())["ranks"] == 2
-    assert len((d / launch.ATTEMPTS).read_text().splitlines()) == 1  # rank 0 alone keeps the records
+    assert len((d / status.ATTEMPTS).read_text().splitlines()) == 1  # rank 0 alone keeps the records
     job = launched.job_ids[0]
     logs = {p.name for p in (tmp_path / "jobs").glob(f"{job}_*_log.err")}
     assert logs == {f"{job}_0_log.err", f"{job}_1_log.err"}  # one task per rank

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench import launch, store
+from bench import launch, status, store
 from bench.api import Range
 from bench.cli import main
 from bench.config import RunSpec, resolve_config
@@ -114,7 +114,9 @@ def test_read_only_folders_give_a_message(tmp_path, fmnist_dir):
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "runs" / "r1").mkdir(parents=True)
-    (sweep / "runs" / "r1" / "metrics.jsonl").write_text(json.dumps({c: 0 for c in store.COLUMNS} | {"preset": "x"}) + "\n")
+    (sweep / "runs" / "r1" / "metrics.jsonl").write_text(
+        json.dumps({c: 0 for c in store.COLUMNS} | {"preset": "x"}) + "\n"
+    )
     rep = subprocess.run([*drop, "report", "--results", str(sweep), "--out", str(ro / "report")],
                          capture_output=True, text=True, env=env)  # fmt: skip
     assert rep.returncode == 2 and "Permission denied" in rep.stderr and "Traceback" not in rep.stderr
@@ -243,7 +245,7 @@ def test_a_done_run_without_metrics_is_not_done(finished, tmp_path, capsys):
     }
     (run / "metrics.jsonl").unlink()
     assert not store.is_done(run)
-    assert launch.run_states(results)[run.name].state != "done"
+    assert status.run_states(results)[run.name].state != "done"
     assert main(argv) == 0 and "1 runs, 1 to do" in capsys.readouterr().out
     after = {
         r["metric"]: r["value"]
@@ -277,10 +279,10 @@ def test_runs_of_a_killed_sweep_that_never_started_are_new_not_failed(tmp_path):
     for s in specs:
         d = store.run_dir(tmp_path, s.run_id)
         d.mkdir(parents=True)
-        store.write_json(d / launch.JOB, {"launched": launch._now(), "launcher": "inline", "host": "h", "pid": 1,
+        store.write_json(d / status.JOB, {"launched": status._now(), "launcher": "inline", "host": "h", "pid": 1,
                                           "pid_start": "0"})  # fmt: skip
-    (store.run_dir(tmp_path, specs[0].run_id) / launch.ATTEMPTS).write_text("{}\n")
-    states = launch.run_states(tmp_path)
+    (store.run_dir(tmp_path, specs[0].run_id) / status.ATTEMPTS).write_text("{}\n")
+    states = status.run_states(tmp_path)
     assert states[specs[0].run_id].state == "failed"  # started, then killed: resumable
     assert states[specs[1].run_id].state == "new" and "not started" in states[specs[1].run_id].detail
     assert launch.plan(specs, tmp_path).todo == specs
@@ -289,14 +291,14 @@ def test_runs_of_a_killed_sweep_that_never_started_are_new_not_failed(tmp_path):
 HOLD = """
 import fcntl, sys, time
 from pathlib import Path
-from bench import launch
+from bench import status
 from bench.config import RunSpec
 spec = RunSpec(method="original", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke")
 d = Path(sys.argv[1]) / "runs" / spec.run_id
 d.mkdir(parents=True, exist_ok=True)
 lock = open(d / ".lock", "w")
 fcntl.flock(lock, fcntl.LOCK_EX)
-launch._record(Path(sys.argv[1]), spec, holder=True, launcher="inline", started=launch._now(), **launch._me())
+status._record(Path(sys.argv[1]), spec, holder=True, launcher="inline", started=status._now(), **status._me())
 print("holding", flush=True)
 time.sleep(60)
 """
@@ -314,7 +316,7 @@ def test_a_run_held_by_another_process_names_that_process(tmp_path, monkeypatch,
         launched = launch.launch([spec(0)], tmp_path, Runtime(progress=False))  # even when told to run it
         state = launched.states[spec(0).run_id]
         assert state.state == "running" and f"process {holder.pid}" in state.detail
-        job = json.loads((store.run_dir(tmp_path, spec(0).run_id) / launch.JOB).read_text())
+        job = json.loads((store.run_dir(tmp_path, spec(0).run_id) / status.JOB).read_text())
         assert job["pid"] == holder.pid
     finally:
         holder.kill()
@@ -324,8 +326,8 @@ def test_a_run_held_by_another_process_names_that_process(tmp_path, monkeypatch,
 def test_a_queued_run_of_a_live_sweep_is_pending(tmp_path):
     d = store.run_dir(tmp_path, spec(0).run_id)
     d.mkdir(parents=True)
-    launch._record(tmp_path, spec(0), launcher="inline", **launch._me())
-    state = launch.run_states(tmp_path)[spec(0).run_id]
+    status._record(tmp_path, spec(0), launcher="inline", **status._me())
+    state = status.run_states(tmp_path)[spec(0).run_id]
     assert state.state == "pending" and state.detail == f"queued in inline process {os.getpid()}"
 
 
@@ -362,11 +364,11 @@ def test_a_dead_process_temporaries_are_removed_on_the_next_start(tmp_path, monk
         (d / name).write_text("half")
     (d / "state").mkdir()
     (d / "state" / "state.pt.tmp").write_text("half")
-    job = store.run_dir(tmp_path, spec(0).run_id) / launch.JOB
+    job = store.run_dir(tmp_path, spec(0).run_id) / status.JOB
     store.write_json(job, {"launcher": "inline", "ended": "earlier attempt"})
 
     def execute(*args, **kwargs):  # while it runs, its record says so
-        assert launch.run_states(tmp_path)[spec(0).run_id].state == "running"
+        assert status.run_states(tmp_path)[spec(0).run_id].state == "running"
 
     monkeypatch.setattr(bench.runner, "execute", execute)
     assert launch.run_one(spec(0), tmp_path, Runtime(progress=False), reraise=True) == "done"

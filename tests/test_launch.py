@@ -9,7 +9,7 @@ import time
 import pytest
 import submitit
 
-from bench import clusters, launch, store
+from bench import clusters, launch, status, store
 from bench.config import RunSpec
 from bench.context import Runtime
 from bench.errors import BenchError
@@ -91,8 +91,8 @@ def test_slurm_needs_a_cluster(tmp_path):
 
 
 def test_pending_array_tasks_are_expanded():
-    assert launch._expand_ids("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
-    assert launch._expand_ids("12_3") == ["12_3"] and launch._expand_ids("7") == ["7"]
+    assert status._expand_ids("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert status._expand_ids("12_3") == ["12_3"] and status._expand_ids("7") == ["7"]
 
 
 def test_states_from_disk_and_queue(tmp_path, monkeypatch):
@@ -102,14 +102,14 @@ def test_states_from_disk_and_queue(tmp_path, monkeypatch):
     for s, job_id in zip(specs[1:5], ("9_1", "9_2", "9_3", "9_4"), strict=True):
         d = store.run_dir(root, s.run_id)
         d.mkdir(parents=True)
-        store.write_json(d / launch.JOB, {"launched": launch._now(), "launcher": "slurm", "job_id": job_id,
+        store.write_json(d / status.JOB, {"launched": status._now(), "launcher": "slurm", "job_id": job_id,
                                           "stderr": f"/logs/{job_id}.err"})  # fmt: skip
     store.atomic_write_text(
-        store.run_dir(root, specs[3].run_id) / launch.ERROR, "Traceback\nValueError: boom\n"
+        store.run_dir(root, specs[3].run_id) / status.ERROR, "Traceback\nValueError: boom\n"
     )
     queue = {"9_1": "PENDING", "9_2": "RUNNING", "9_3": "FAILED", "9_4": "CANCELLED by 0"}
-    monkeypatch.setattr(launch, "slurm_states", lambda ids: queue)
-    states = launch.run_states(root, [s.run_id for s in specs])
+    monkeypatch.setattr(status, "slurm_states", lambda ids: queue)
+    states = status.run_states(root, [s.run_id for s in specs])
     got = [(states[s.run_id].state, states[s.run_id].detail) for s in specs]
     assert got[0] == ("done", "")
     assert got[1] == ("pending", "SLURM job 9_1 PENDING") and got[2] == ("running", "SLURM job 9_2 RUNNING")
@@ -124,23 +124,23 @@ def test_states_from_disk_and_queue(tmp_path, monkeypatch):
     # rerunning the sweep launches only what never ran or did not finish
     p = launch.plan(specs, root)
     assert p.todo == [specs[3], specs[4], specs[5]] and p.active == specs[1:3] and p.done == [specs[0]]
-    assert "6 runs: 1 new, 1 pending, 1 running, 1 done, 2 failed" in launch.format_states(states)
+    assert "6 runs: 1 new, 1 pending, 1 running, 1 done, 2 failed" in status.format_states(states)
 
 
 def test_a_job_sacct_does_not_know_yet_is_pending_then_failed(tmp_path, monkeypatch):
     s = spec()
     d = store.run_dir(tmp_path, s.run_id)
     d.mkdir(parents=True)
-    monkeypatch.setattr(launch, "slurm_states", lambda ids: {})
-    record = {"launched": launch._now(), "launcher": "slurm", "job_id": "5"}
-    store.write_json(d / launch.JOB, record)
-    assert launch.run_states(tmp_path)[s.run_id].state == "pending"
-    old = time.time() - launch.SUBMIT_GRACE_S - 1
+    monkeypatch.setattr(status, "slurm_states", lambda ids: {})
+    record = {"launched": status._now(), "launcher": "slurm", "job_id": "5"}
+    store.write_json(d / status.JOB, record)
+    assert status.run_states(tmp_path)[s.run_id].state == "pending"
+    old = time.time() - status.SUBMIT_GRACE_S - 1
     store.write_json(
-        d / launch.JOB,
-        record | {"launched": launch.dt.datetime.fromtimestamp(old, launch.dt.UTC).isoformat()},
+        d / status.JOB,
+        record | {"launched": status.dt.datetime.fromtimestamp(old, status.dt.UTC).isoformat()},
     )
-    assert launch.run_states(tmp_path)[s.run_id].state == "failed"
+    assert status.run_states(tmp_path)[s.run_id].state == "failed"
 
 
 def test_a_live_process_is_running_and_a_dead_one_failed(tmp_path):
@@ -148,22 +148,22 @@ def test_a_live_process_is_running_and_a_dead_one_failed(tmp_path):
     d = store.run_dir(tmp_path, s.run_id)
     d.mkdir(parents=True)
     me = {
-        "launched": launch._now(),
+        "launched": status._now(),
         "launcher": "inline",
-        "host": launch.socket.gethostname(),
+        "host": status.socket.gethostname(),
         "pid": os.getpid(),
     }
-    alive = me | {"pid_start": launch._proc_start(os.getpid())}
-    store.write_json(d / launch.JOB, alive)  # queued by a live sweep, not taken yet
-    state = launch.run_states(tmp_path)[s.run_id]
+    alive = me | {"pid_start": status._proc_start(os.getpid())}
+    store.write_json(d / status.JOB, alive)  # queued by a live sweep, not taken yet
+    state = status.run_states(tmp_path)[s.run_id]
     assert (state.state, state.detail) == ("pending", f"queued in inline process {os.getpid()}")
-    store.write_json(d / launch.JOB, alive | {"started": launch._now()})
-    assert launch.run_states(tmp_path)[s.run_id].state == "running"
-    store.write_json(d / launch.JOB, me | {"pid_start": "0"})  # same pid, another process (pid reuse)
-    state = launch.run_states(tmp_path)[s.run_id]
+    store.write_json(d / status.JOB, alive | {"started": status._now()})
+    assert status.run_states(tmp_path)[s.run_id].state == "running"
+    store.write_json(d / status.JOB, me | {"pid_start": "0"})  # same pid, another process (pid reuse)
+    state = status.run_states(tmp_path)[s.run_id]
     assert state.state == "new" and "not started" in state.detail  # it never started: nothing to resume
-    (d / launch.ATTEMPTS).write_text("{}\n")
-    assert launch.run_states(tmp_path)[s.run_id].state == "failed"  # started, then its process ended
+    (d / status.ATTEMPTS).write_text("{}\n")
+    assert status.run_states(tmp_path)[s.run_id].state == "failed"  # started, then its process ended
 
 
 def test_inline_failure_is_kept_and_does_not_stop_the_others(tmp_path, monkeypatch):
@@ -180,7 +180,7 @@ def test_inline_failure_is_kept_and_does_not_stop_the_others(tmp_path, monkeypat
     launched = launch.launch(specs, tmp_path, Runtime(progress=False))
     states = launched.states
     assert [states[s.run_id].state for s in specs] == ["done", "failed", "done"]
-    error = (store.run_dir(tmp_path, specs[1].run_id) / launch.ERROR).read_text()
+    error = (store.run_dir(tmp_path, specs[1].run_id) / status.ERROR).read_text()
     assert "Traceback" in error and "RuntimeError: run 1 broke" in error
     assert states[specs[1].run_id].detail == "RuntimeError: run 1 broke"
 
@@ -189,9 +189,9 @@ def test_inline_failure_is_kept_and_does_not_stop_the_others(tmp_path, monkeypat
     p = launch.plan(specs, tmp_path)
     assert p.todo == [specs[1]]
     launch.launch(p.todo, tmp_path, Runtime(progress=False))
-    assert not (store.run_dir(tmp_path, specs[1].run_id) / launch.ERROR).exists()
+    assert not (store.run_dir(tmp_path, specs[1].run_id) / status.ERROR).exists()
     attempts = [
-        len((store.run_dir(tmp_path, s.run_id) / launch.ATTEMPTS).read_text().splitlines()) for s in specs
+        len((store.run_dir(tmp_path, s.run_id) / status.ATTEMPTS).read_text().splitlines()) for s in specs
     ]
     assert attempts == [1, 2, 1]
 
@@ -209,13 +209,13 @@ def test_local_launcher_runs_jobs_in_processes_and_keeps_failures(tmp_path):
     states = launched.states
     assert states[done.run_id].state == "done"
     assert (store.run_dir(tmp_path, done.run_id) / "metrics.jsonl").stat().st_mtime_ns == before  # not redone
-    assert not (store.run_dir(tmp_path, done.run_id) / launch.ATTEMPTS).exists()
+    assert not (store.run_dir(tmp_path, done.run_id) / status.ATTEMPTS).exists()
     d = store.run_dir(tmp_path, bad.run_id)
     assert states[bad.run_id].state == "failed" and "no-such-dataset" in states[bad.run_id].detail
-    assert "Traceback" in (d / launch.ERROR).read_text()
-    job = json.loads((d / launch.JOB).read_text())
+    assert "Traceback" in (d / status.ERROR).read_text()
+    job = json.loads((d / status.JOB).read_text())
     assert job["launcher"] == "local" and os.path.exists(job["stderr"])
-    attempt = json.loads((d / launch.ATTEMPTS).read_text())
+    attempt = json.loads((d / status.ATTEMPTS).read_text())
     assert attempt["pid"] != os.getpid() and attempt["job_id"] == job["job_id"]
 
 

@@ -15,7 +15,12 @@ def spec(method: str, dataset: str) -> RunSpec:
 def test_missing_models_come_first_and_caches_wait_for_them(tmp_path, isolated_stores, fmnist_dir):
     folder = write_imagefolder(tmp_path / "images", per_class=6)
     images = f"imagefolder:{folder}"
-    specs = [spec("original", images), spec("sa", images), spec("sa", images), spec("original", "fashion-mnist")]
+    specs = [
+        spec("original", images),
+        spec("sa", images),
+        spec("sa", images),
+        spec("original", "fashion-mnist"),
+    ]
     needs = prerequisites.find_needs(specs, Runtime(data_dir=fmnist_dir))
     assert [n.kind for n in needs] == ["models", "prepare"]  # once each; fashion-mnist's models ship
     assert needs[1].after == (needs[0].key,) and needs[1].spec.method == "sa"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import launch, store
+from bench import launch, status, store
 from bench.cli import main
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -127,7 +127,7 @@ def run_dir_of(results: Path, prefix: str) -> Path:
 
 
 def attempts(d: Path) -> list[dict]:
-    return [json.loads(line) for line in (d / launch.ATTEMPTS).read_text().splitlines()]
+    return [json.loads(line) for line in (d / status.ATTEMPTS).read_text().splitlines()]
 
 
 def wait_for(what: str, predicate, timeout: float = 600, every: float = 0.5):
@@ -140,7 +140,7 @@ def wait_for(what: str, predicate, timeout: float = 600, every: float = 0.5):
 
 
 def settled(results: Path) -> bool:
-    states = launch.run_states(results)
+    states = status.run_states(results)
     return bool(states) and all(s.state in ("done", "failed") for s in states.values())
 
 
@@ -193,7 +193,7 @@ def test_sweep_is_one_array_with_the_inline_rows_and_a_failure_is_kept(
     assert main([*args, "--wait"]) == 2  # some runs failed
     out = capsys.readouterr().out
     assert "4 runs, 4 to do" in out and "submitted 4 runs as SLURM job array" in out and str(sweep) in out
-    job_ids = [json.loads((d / launch.JOB).read_text())["job_id"] for d in (sweep / "runs").iterdir()]
+    job_ids = [json.loads((d / status.JOB).read_text())["job_id"] for d in (sweep / "runs").iterdir()]
     array = job_ids[0].split("_")[0]
     assert sorted(job_ids) == [f"{array}_{i}" for i in range(4)]  # one sbatch, four array tasks
 
@@ -205,13 +205,16 @@ def test_sweep_is_one_array_with_the_inline_rows_and_a_failure_is_kept(
     sacct = wait_for("the jobs to end", jobs_ended, timeout=120)
     assert sacct.count("COMPLETED") == 3 and sacct.count("FAILED") == 1, sacct
 
-    states = launch.run_states(sweep)
+    states = status.run_states(sweep)
     assert sorted(s.state for s in states.values()) == ["done", "done", "done", "failed"]
     failed = states[broken.name]
     assert failed.log == str(broken / "error.txt") and "Traceback" in (broken / "error.txt").read_text()
     assert main(["status", "--results", str(sweep)]) == 0
-    status = capsys.readouterr().out
-    assert "4 runs: 0 pending, 0 running, 3 done, 1 failed" in status and str(broken / "error.txt") in status
+    printed = capsys.readouterr().out
+    assert (
+        "4 runs: 0 new, 0 pending, 0 running, 3 done, 1 failed" in printed
+        and str(broken / "error.txt") in printed
+    )
     expected = rows(inline_sweep)
     assert rows(sweep) == {k: v for k, v in expected.items() if k[0] != broken.name}
 
@@ -232,11 +235,11 @@ def test_cancelled_run_is_reported_and_a_rerun_with_a_gpu_request_completes_it(e
     assert main(args) == 0
     assert "follow with: bench status" in capsys.readouterr().out
     d = run_dir_of(sweep, "finetune-")
-    job_id = json.loads((d / launch.JOB).read_text())["job_id"]
-    wait_for("the job to start", lambda: launch.run_states(sweep)[d.name].state == "running")
+    job_id = json.loads((d / status.JOB).read_text())["job_id"]
+    wait_for("the job to start", lambda: status.run_states(sweep)[d.name].state == "running")
     subprocess.run(["scancel", job_id], check=True)  # while it starts up: far from finishing
     state = wait_for(
-        "the cancellation", lambda: (s := launch.run_states(sweep)[d.name]).state == "failed" and s
+        "the cancellation", lambda: (s := status.run_states(sweep)[d.name]).state == "failed" and s
     )
     assert "CANCELLED" in state.detail
     assert main(["status", "--results", str(sweep)]) == 0
@@ -244,7 +247,7 @@ def test_cancelled_run_is_reported_and_a_rerun_with_a_gpu_request_completes_it(e
 
     assert main([*args, "--set", "slurm.gpus_per_node=1", "--wait"]) == 0
     assert "1 runs, 1 to do" in capsys.readouterr().out
-    assert launch.run_states(sweep)[d.name].state == "done"
+    assert status.run_states(sweep)[d.name].state == "done"
     *before, last = attempts(d)  # the cancelled job may have died before it recorded its attempt
     assert last["cuda_visible_devices"] == "0" and all(a["cuda_visible_devices"] is None for a in before)
     assert rows(sweep) == {k: v for k, v in rows(inline_sweep).items() if k[0] == d.name}
@@ -255,11 +258,11 @@ def test_requeued_run_resumes_from_its_state_dump(long_run, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     assert main(["run", *args, "--results", str(sweep), "--launcher", "slurm", "--cluster", "local"]) == 0
     d = run_dir_of(sweep, "sfd-")
-    job_id = json.loads((d / launch.JOB).read_text())["job_id"]
+    job_id = json.loads((d / status.JOB).read_text())["job_id"]
     wait_for("a state dump", lambda: (d / launch.STATE_DUMP).is_file(), every=0.1)
     subprocess.run(["scontrol", "requeue", job_id], check=True)  # what preemption with requeue does
     wait_for("the requeued run to finish", lambda: settled(sweep), every=2)
-    assert launch.run_states(sweep)[d.name].state == "done"
+    assert status.run_states(sweep)[d.name].state == "done"
     tries = attempts(d)
     assert len(tries) == 2 and tries[1]["resumed_from_state"] and tries[1]["restart_count"] == 1
     assert rows(sweep) == rows(reference)
@@ -278,10 +281,10 @@ def test_run_past_its_time_limit_is_requeued_and_finishes(long_run, tmp_path, ca
         "the run to finish across time limits", lambda: settled(sweep), timeout=TEST_LIMIT_S - 60, every=2
     )
     d = run_dir_of(sweep, "sfd-")
-    assert launch.run_states(sweep)[d.name].state == "done", (d / launch.ERROR).read_text()
+    assert status.run_states(sweep)[d.name].state == "done", (d / status.ERROR).read_text()
     tries = attempts(d)
     assert len(tries) >= 2 and any(t["resumed_from_state"] for t in tries[1:])
-    log = Path(json.loads((d / launch.JOB).read_text())["stderr"]).read_text()
+    log = Path(json.loads((d / status.JOB).read_text())["stderr"]).read_text()
     assert "this job is timed-out" in log and "time limit or preemption: requeueing" in log
     assert rows(sweep) == rows(reference)
 
@@ -305,7 +308,7 @@ def test_missing_models_and_caches_are_jobs_the_array_waits_for(env, tmp_path, c
                           capture_output=True, text=True).stdout  # fmt: skip
     assert deps.count("COMPLETED") == 2, deps
     for d in (sweep / "runs").iterdir():
-        log = Path(json.loads((d / launch.JOB).read_text())["stderr"]).read_text()
+        log = Path(json.loads((d / status.JOB).read_text())["stderr"]).read_text()
         assert "training them now" not in log and "sa fisher" not in log  # the runs only loaded
     assert main([*args, "--dry-run"]) == 0 and "2 runs, 0 to do" in capsys.readouterr().out
 
