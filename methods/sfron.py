@@ -139,8 +139,8 @@ class SFRon(Method):
             {"iterations": 60, "fisher_forget_images": 1024, "fisher_remain_images": 1024},
             "CPU budget: 60 of 150 iterations (forget weight's cosine decay over the 60), the Fisher diagonals from "
             "1024 forget and 1024 retained images (8 batches each) instead of one pass over each whole set "
-            "(44% of the weights come out salient). Measured (shared machine, 1 thread, so the seconds are "
-            "inflated; ~45 s expected on 2 idle cores): forget accuracy 0.19, retained 0.82, fd_judge 0.66 "
+            "(44% of the weights come out salient). Measured (shared machine: 118 s of unlearning on 2 threads with "
+            "another job on the cores, so less when idle): forget accuracy 0.19, retained 0.82, fd_judge 0.66 "
             "(teacher 0.85 / 0.86 / 0.37); with 40 iterations 0.46 / 0.83 / 0.74, so not the abstract's "
             "'50 steps' here: its probe grid reads 0.46 at step 50 and 0.29 at 60 of the 60.",
         ),
