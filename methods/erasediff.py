@@ -122,6 +122,9 @@ class EraseDiff(Method):
         ),
     }  # fmt: skip
 
+    def anchors(self, forget_set):  # a random retained class per batch (pseudo_labels)
+        return forget_set.retain
+
     def unlearn(self, teacher, forget_set, ctx):
         cfg = self.config
         dev = ctx.device

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.api import DECAY, FRACTION, NON_NEGATIVE, POSITIVE, Scaled, param
+from bench.api import DECAY, FRACTION, NON_NEGATIVE, POSITIVE, Range, Scaled, param
 from bench.models.unet import num_classes_of
 from bench.registry import METHODS
 from bench.sampling import autocast
 from methods.ga import DROPOUT, RUNNER, SRC, GradientAscent, ddpm_error
 from methods.sa import drop_labels
-from methods.salun import RELABELS, relabel_loss, relabel_targets
+from methods.salun import RELABELS, effective_alpha, relabel_loss, relabel_targets
 
 
 def relabel_predictions(unet, x_t, t, labels, targets, dropout: float, g: torch.Generator, amp: bool = False):
@@ -55,6 +55,12 @@ class RLConfig:
     alpha: float = param(
         1e-3, "SalUn DDPM/README.md --alpha 1e-3 --method rl (maintainers, issue #19)", valid=NON_NEGATIVE
     )
+    alpha_pixels: int = param(
+        3 * 32 * 32,
+        "as salun.alpha_pixels: alpha is rescaled by alpha_pixels / (C*H*W), since the relabel term is "
+        "a per-element mean and the retained term a per-pixel sum (0: alpha as given)",
+        valid=Range(0),
+    )
     relabel: str = param(
         "next", f"{RUNNER}:564-568 pseudo_c = (label_to_forget + 1) % 10; or 'random'", valid=RELABELS
     )
@@ -83,6 +89,11 @@ class RandomLabel(GradientAscent):
         ),
     }  # fmt: skip
 
+    def anchors(self, forget_set):  # where the relabel term sends the forgotten classes, as salun
+        from methods.salun import SalUn
+
+        return SalUn.anchors(self, forget_set)
+
     def validate(self, forget_set):
         relabel_targets(self.config.relabel, torch.tensor(forget_set.forget), forget_set, torch.Generator())
 
@@ -92,6 +103,5 @@ class RandomLabel(GradientAscent):
         eps_forget, eps_new = relabel_predictions(
             unet, x_t, t, labels, targets, cfg.forget_label_dropout, g, amp
         )
-        return rl_objective(eps_forget, eps_new, pred_r, noise_r, cfg.alpha), relabel_loss(
-            eps_forget, eps_new
-        )
+        alpha = effective_alpha(cfg, tuple(x_t.shape[1:]))
+        return rl_objective(eps_forget, eps_new, pred_r, noise_r, alpha), relabel_loss(eps_forget, eps_new)
