@@ -23,6 +23,7 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path / "results" / "benchmarks"
 
 
+@pytest.mark.slow
 def test_limits_counts_the_flops_of_each_step(in_tmp):
     figures = limits.run(CPU, sample_batch=8, train_batch=4, sfd_iterations=2)
     rows = {r["name"].split(" (")[0]: r for r in figures["rows"]}
@@ -47,6 +48,7 @@ def test_sampling_compares_the_samplers_on_one_batch(in_tmp):
     assert (in_tmp / "sampling.json").is_file()
 
 
+@pytest.mark.slow
 def test_evaluation_times_the_judge_fd_and_inception(in_tmp):
     figures = evaluation.run(CPU, inception_images=2)
     names = [r["name"].split(":")[0] for r in figures["rows"]]
@@ -75,6 +77,7 @@ def test_paper_scale_projects_from_the_largest_batch(in_tmp):
     assert "projected from batch 2" in paper_scale.table(figures)
 
 
+@pytest.mark.slow
 def test_time_to_forget_probes_complete_default_runs(in_tmp):
     figures = time_to_forget.run(CPU, methods=("sfd", "esd-new"), preset="smoke", probes=2, forget_per_class=4,
                                  retain_per_class=2, out=in_tmp)  # fmt: skip

@@ -99,6 +99,7 @@ def test_results_pointing_at_a_file_or_below_one(tmp_path, fmnist_dir, capsys):
     assert (tmp_path / "a_file").read_text() == "x"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("setpriv") or os.geteuid() != 0, reason="needs root and setpriv")
 def test_read_only_folders_give_a_message(tmp_path, fmnist_dir):
     """As root without the capability to override file permissions, like any user on a 0555 folder."""

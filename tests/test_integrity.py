@@ -200,6 +200,7 @@ def test_non_finite_images_or_features_raise_before_any_linear_algebra():
         frechet_from_features(feats, bad)
 
 
+@pytest.mark.slow
 def test_diverged_method_fails_its_run_clearly_and_the_sweep_goes_on(tmp_path, fmnist_dir, monkeypatch):
     from bench.cli import main
 
@@ -461,6 +462,7 @@ def test_share_follows_the_umask(tmp_path):
         os.umask(old)
 
 
+@pytest.mark.slow
 def test_run_folder_and_sa_cache_files_are_0644_under_umask_022(umask_022, tmp_path, fmnist_dir, monkeypatch):
     monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "models"))
     runtime = Runtime(data_dir=fmnist_dir.parent, progress=False, checkpoint_every=1)

@@ -196,6 +196,7 @@ def test_inline_failure_is_kept_and_does_not_stop_the_others(tmp_path, monkeypat
     assert attempts == [1, 2, 1]
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_jobs_in_processes_and_keeps_failures(tmp_path):
     # Cheap jobs, side by side in two worker processes: a finished run (the job must not redo it) and one that fails
     # at run time in its own process (an unknown dataset only fails where the run executes).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -167,6 +168,7 @@ def test_esd_new_trains_what_esd_sd_trains():
     assert METHODS.get("esd-new").Config().train_rule == "linear-conv"
 
 
+@pytest.mark.slow
 def test_fid_rows_name_their_reference_and_the_paper_preset_uses_the_train_split(tmp_path, capsys):
     from bench.presets import get_preset
     from bench.store import read_metrics

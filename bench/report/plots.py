@@ -18,8 +18,9 @@ from bench.report.tables import ORIGINAL, is_oracle, method_order, metric_key, n
 log = logging.getLogger(__name__)
 
 DPI = 150
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-MARKERS = ["s", "D", "^", "v", "P", "X", "h", "<", ">"]
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+           "#393b79", "#ad494a", "#637939"]  # fmt: skip
+MARKERS = ["s", "D", "^", "v", "P", "X", "h", "<", ">", "p", "d", "8"]
 ORIGINAL_STYLE = ("#555555", "o")
 ORACLE_STYLE = ("#000000", "*")
 FORGOTTEN = "#d62728"
