@@ -40,8 +40,8 @@ def figures(tmp_path_factory):
 
 SA_AT_CPU_SCALE = pytest.mark.xfail(
     strict=True,
-    reason="measured: SA keeps class 0 at the default preset (forget accuracy 0.81-0.83 vs original 0.85 after 80 of "
-    "its 20k iterations); reported in the README rather than tuned away from the paper. Strict: if SA starts "
+    reason="measured: SA keeps class 0 at the default preset (forget accuracy 0.78 vs original 0.85 after 80 of "
+    "its 20k iterations; 0.81-0.83 before its replay was stored as the official 8-bit PNGs); reported in the README rather than tuned away from the paper. Strict: if SA starts "
     "forgetting at this budget, this fails and the README must be updated.",
 )
 
@@ -59,7 +59,18 @@ ERASEDIFF_AT_CPU_SCALE = pytest.mark.xfail(
     "0.005, is tiny against the pixel-summed retained loss (about 8), and the lower-level steps are undone each "
     "round. Strict: if EraseDiff starts forgetting at this budget, this fails and the method card must be updated.",
 )
-EXPECTED_FAILURES = {"sa": SA_AT_CPU_SCALE, "ga": GA_COLLAPSES, "erasediff": ERASEDIFF_AT_CPU_SCALE}
+RL_AT_CPU_SCALE = pytest.mark.xfail(
+    strict=True,
+    reason="measured: RL with alpha rescaled as SalUn's (x12 at 1x16x16) keeps class 0 at 0.51 after 15 of its 1000 "
+    "iterations (retained 0.85, fd_judge 1.0; original 0.85); with the paper's alpha unscaled it erased class 0 "
+    "(0.00) but kept only 0.65 of the retained classes. Strict: if RL starts forgetting at this budget, this fails.",
+)
+EXPECTED_FAILURES = {
+    "sa": SA_AT_CPU_SCALE,
+    "ga": GA_COLLAPSES,
+    "rl": RL_AT_CPU_SCALE,
+    "erasediff": ERASEDIFF_AT_CPU_SCALE,
+}
 
 
 @pytest.mark.parametrize(
