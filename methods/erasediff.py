@@ -112,7 +112,7 @@ class EraseDiff(Method):
                         "seconds-long test runs"),
         "default": Scaled(
             {"iterations": 36, "round_steps": 6, "inner_images": 256},
-            "CPU budget (about 40 s expected on 2 idle cores): 36 of 288 upper steps in 6 rounds of 6 instead of 8 "
+            "CPU budget (91 s measured on the slower Zen 3 machine of session 3): 36 of 288 upper steps in 6 rounds of 6 instead of 8 "
             "of 36, each round's K = 2 passes over 256 forget images (2 batches) instead of all of them. Measured "
             "(shared machine, 1 thread): EraseDiff does not forget here: forget accuracy 0.83, retained 0.86, "
             "fd_judge 0.34 (teacher 0.85 / 0.86 / 0.37), and 0.92 on the probe grid at each of steps 12-48 of a "

@@ -74,7 +74,7 @@ class GradientAscent(Method):
         "smoke": Scaled({"iterations": 3, "batch_size": 4}, "seconds-long test runs"),
         "default": Scaled(
             {"iterations": 15},
-            "CPU budget: 15 of 1000 iterations (about 10 s expected on 2 idle cores), as for `rl`. Measured (shared "
+            "CPU budget: 15 of 1000 iterations (24 s measured on the slower Zen 3 machine of session 3), as for `rl`. Measured (shared "
             "machine, 1 thread: 43 s): class 0 is gone (forget accuracy 0.01) but the retained classes go with it "
             "(retained 0.20, fd_judge 33.8; teacher 0.85 / 0.86 / 0.37); on the probe grid of one 60-iteration run "
             "(no schedule: its first 15 steps are this run) retained accuracy stays at 0.10 from step 30 on: the "
