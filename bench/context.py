@@ -87,6 +87,9 @@ class RunContext:
     probe_s: float = 0.0
     # This process's rank among the run's data-parallel processes (bench/distributed.py): only rank 0 writes.
     world: distributed.World = field(default_factory=distributed.current)
+    # What the method took from a cache instead of computing it (a stored oracle): {what, path, seconds it took
+    # when it was computed}; the run's unlearning seconds are this run's own, and its rows say what was reused.
+    reused: dict | None = None
 
     @property
     def device(self) -> torch.device:
@@ -184,6 +187,10 @@ class RunContext:
             except (ValueError, KeyError, TypeError):
                 break  # a line cut by the interruption, and everything after it
         atomic_write_text(path, "".join(kept))
+
+    def reuse(self, what: str, path: Path, seconds: float) -> None:
+        """Record that `what` came from the cache at `path` (it took `seconds` when it was computed)."""
+        self.reused = {"what": what, "path": str(path), "seconds": float(seconds)}
 
     def elapsed(self) -> float:
         """Unlearning seconds over all attempts (probes excluded)."""

@@ -3,6 +3,8 @@
 As the `retrain` mode of the SA, SalUn and SFD DDPM runners: the teacher's own recipe and budget (same architecture,
 DDPM loss with 10% null-label dropout, AdamW, warm-up, gradient clipping, EMA for sampling), on retained data.
 It is the reference unlearning aims at, not an unlearning method, so `bench run` leaves it out unless named.
+A finished oracle is kept in the model store per dataset, preset, forget set, seed and recipe (the default one for
+fashion-mnist `class-0` ships with the package), and later runs with the same key load it instead of training.
 Defaults are the paper preset's teacher recipe (the CIFAR-10 DDPM recipe of SA/SalUn/SFD `cifar10_train.yml`); every
 other preset scales them to that preset's own teacher recipe, read from bench/presets.py so the two cannot drift.
 """
@@ -10,11 +12,15 @@ other preset scales them to that preset's own teacher recipe, read from bench/pr
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 
 import torch
 
 from bench.api import DECAY, FRACTION, POSITIVE, Method, Range, Scaled, param
+from bench.models import store as model_store
 from bench.presets import PRESETS, TeacherRecipe
 from bench.registry import METHODS
 from bench.sampling import DiffusionModel
@@ -70,7 +76,37 @@ class Retrain(Method):
                         "seconds-long test runs (the full budget is the teacher's: 6000 steps, ~40 min on 2 cores)"),
     }  # fmt: skip
 
+    def oracle_key(self, teacher, ctx) -> str:
+        """What decides the oracle's weights besides the seed: the architecture (not the teacher's weights, which
+        retraining never reads), the recipe, the data files and the classes kept."""
+        arch = {k: v for k, v in dict(teacher.unet.config).items() if not k.startswith("_")}
+        blob = json.dumps({"architecture": arch, "unet": type(teacher.unet).__name__, "config": vars(self.config),
+                           "data": ctx.dataset.data_identity()["digest"], "retain": list(ctx.forget_set.retain)},
+                          sort_keys=True, default=str)  # fmt: skip
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
     def unlearn(self, teacher, forget_set, ctx):
+        key = self.oracle_key(teacher, ctx)
+        where = (ctx.dataset.name, ctx.preset.name, forget_set.name, ctx.seed, key)
+        if (found := model_store.find_oracle(*where)) is not None:
+            model, manifest = model_store.load_oracle(found)
+            ctx.reuse("oracle", found, manifest.get("train_s", float("nan")))
+            model.unet.to(ctx.device)
+            return model
+        model = self._train(teacher, forget_set, ctx)
+        if ctx.world.is_main:
+            directory = model_store.oracle_dir(model_store.user_store(), *where)
+            with model_store.locked(directory):
+                model_store.save_oracle(model, directory, key=key, seed=ctx.seed, train_s=ctx.elapsed(),
+                                        config=vars(self.config), dataset=ctx.dataset.name, preset=ctx.preset.name,
+                                        forget_set=forget_set.name, data=ctx.dataset.data_identity(),
+                                        threads=os.environ.get("OMP_NUM_THREADS", ""),
+                                        command=f"python -m bench run --methods retrain --datasets "
+                                                f"{ctx.dataset.name} --forget-sets {forget_set.name} --seeds "
+                                                f"{ctx.seed} --preset {ctx.preset.name}")  # fmt: skip
+        return model
+
+    def _train(self, teacher, forget_set, ctx):
         cfg = self.config
         dev, null = ctx.device, teacher.num_classes
         # Same architecture as the teacher, fresh weights from the run's seed (without touching the global RNG).

@@ -255,11 +255,41 @@ def test_retrain_never_sees_the_forgotten_class(tmp_path, fmnist_dir, monkeypatc
         return real(self, split, classes)
 
     monkeypatch.setattr(Dataset, "images", spy)
+    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "store"))
     ctx = tiny_context(tmp_path, fmnist_dir.parent, requires=Retrain.requires)
     teacher = tiny_teacher()
     model = Retrain(resolve_config(Retrain, "smoke", {})).unlearn(teacher, ctx.forget_set, ctx)
     assert seen == [tuple(range(1, 10))]
-    assert model.unet.config == teacher.unet.config
+    architecture = lambda unet: {k: v for k, v in unet.config.items() if not k.startswith("_")}  # noqa: E731
+    assert architecture(model.unet) == architecture(teacher.unet)
+
+
+def test_retrain_keeps_its_oracle_and_the_next_run_loads_it(tmp_path, fmnist_dir, monkeypatch):
+    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "store"))
+    method = Retrain(resolve_config(Retrain, "smoke", {}))
+    ctx = tiny_context(tmp_path / "a", fmnist_dir.parent, requires=Retrain.requires)
+    trained = method.unlearn(tiny_teacher(), ctx.forget_set, ctx)
+    assert ctx.reused is None
+    stored = list((tmp_path / "store").rglob("MANIFEST.json"))
+    assert len(stored) == 1 and "oracles/class-0/seed0-" in stored[0].as_posix()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a stored oracle was trained again")
+
+    monkeypatch.setattr(Dataset, "images", forbidden)
+    again = tiny_context(tmp_path / "b", fmnist_dir.parent, requires=Retrain.requires)
+    loaded = method.unlearn(tiny_teacher(seed=5), again.forget_set, again)  # other weights, same architecture
+    assert same_weights(trained.unet, loaded.unet)
+    assert again.reused["what"] == "oracle" and again.reused["seconds"] > 0
+    # Another recipe, seed or forget set is another oracle.
+    other = tiny_context(tmp_path / "c", fmnist_dir.parent, requires=Retrain.requires, seed=1)
+    with pytest.raises(AssertionError, match="trained again"):
+        method.unlearn(tiny_teacher(), other.forget_set, other)
+    # A damaged oracle is named, not used.
+    weights = next(stored[0].parent.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(BenchError, match="checksum"):
+        method.unlearn(tiny_teacher(), again.forget_set, again)
 
 
 # ---- The contract of every registered method --------------------------------------------------------------
@@ -268,6 +298,14 @@ ALL = METHODS.names()
 
 
 def _run(name, tmp, data_dir, *, seed=0, checkpoint_every=2, kill_after=None, probe=None):
+    """One smoke run with a model store of its own (a stored oracle or cache would stand in for the training)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BENCH_MODEL_DIR", str(tmp / "store"))
+        return _run_in_store(name, tmp, data_dir, seed=seed, checkpoint_every=checkpoint_every,
+                             kill_after=kill_after, probe=probe)  # fmt: skip
+
+
+def _run_in_store(name, tmp, data_dir, *, seed, checkpoint_every, kill_after, probe):
     cls = METHODS.get(name)
     ctx = tiny_context(tmp, data_dir, requires=cls.requires, seed=seed, checkpoint_every=checkpoint_every)
     if probe:
@@ -283,7 +321,6 @@ def test_contract(name, tmp_path, fmnist_dir, monkeypatch):
     dump resumes to the very weights of an uninterrupted run with the same seed (so it is also deterministic),
     another seed differs, the model saves, reloads and samples identically, a data-free method reads no image, and
     a probe that samples the model after every step sees the current model and changes nothing."""
-    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "store"))
     if not METHODS.get(name).requires:
 
         def forbidden(*args, **kwargs):

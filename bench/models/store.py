@@ -7,6 +7,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -277,3 +278,44 @@ def load_external_teacher(
             raise BenchError(f"--teacher {path}: cannot load the raw weights in {raw}: {e}") from e
         teacher.raw.unet.register_to_config(sample_size=image_size)
     return teacher
+
+
+# ---- oracles: a `retrain` model kept per dataset, preset, forget set, seed and recipe ------------------------
+# Retraining costs what pretraining the teacher costs (about an hour on 2 cores at the default preset), and the
+# attacks and reports compare every method with it, so a finished one is kept, and the default one is shipped.
+ORACLES = "oracles"
+
+
+def oracle_dir(root: Path, dataset: str, preset_key: str, forget_set: str, seed: int, key: str) -> Path:
+    return Path(root) / dataset / preset_key / ORACLES / forget_set / f"seed{seed}-{key}"
+
+
+def find_oracle(dataset: str, preset_key: str, forget_set: str, seed: int, key: str) -> Path | None:
+    """The shipped oracle for this key if there is one, else the user's store's, else None (checked on the way)."""
+    for root in (SHIPPED, user_store()):
+        d = oracle_dir(root, dataset, preset_key, forget_set, seed, key)
+        if (d / MANIFEST).is_file():
+            verify(d)
+            return d
+    return None
+
+
+def save_oracle(model: DiffusionModel, directory: Path, **info) -> None:
+    """Write an oracle folder atomically: the model, then a manifest with `info` and every file's checksum."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    write_manifest(tmp, **info)
+    share(tmp / MANIFEST)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def load_oracle(directory: Path) -> tuple[DiffusionModel, dict]:
+    """An oracle's model and manifest (its checksums checked)."""
+    manifest = verify(directory)
+    model = load_sampler(directory)
+    if not isinstance(model, DiffusionModel):
+        raise BenchError(f"{directory} holds a {model.kind} model, not a retrained diffusion model")
+    return model, manifest
