@@ -51,8 +51,8 @@ def _positive_int(value: str) -> int:
     return n
 
 
-def _runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+def _runtime_args(p: argparse.ArgumentParser, device: str | None = "cpu") -> None:
+    p.add_argument("--device", default=device, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for model compute")
     p.add_argument("--data-dir", type=Path, default=None, help="folder with the datasets (or BENCH_DATA_DIR)")
 
@@ -67,15 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="a method's card: paper, defaults with their sources, preset scaling")
     show.add_argument("name")
 
+    # Options a sweep file can also give default to None here (a flag given wins over the file); RUN_DEFAULTS
+    # fills the rest.
     run = sub.add_parser("run", help="run methods x datasets x forget sets x seeds and evaluate them")
+    run.add_argument("--sweep", type=Path, default=None, metavar="FILE.toml",
+                     help="a sweep file (sweeps/*.toml); flags given here override its keys")  # fmt: skip
     run.add_argument("--methods", type=_csv, default=None, help="comma-separated (default: all but oracles)")
-    run.add_argument("--datasets", type=_csv, default=["fashion-mnist"],
+    run.add_argument("--datasets", type=_csv, default=None,
                      help="comma-separated; imagefolder:PATH for a folder of labelled images")  # fmt: skip
-    run.add_argument("--forget-sets", type=_csv, default=["class-0"])
-    run.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated integers (default: 0)")
-    run.add_argument("--preset", default="default")
+    run.add_argument("--forget-sets", type=_csv, default=None,
+                     help="comma-separated (default: class-0); all-classes: class-0 .. class-(K-1)")  # fmt: skip
+    run.add_argument("--seeds", type=_seeds, default=None, help="comma-separated integers (default: 0)")
+    run.add_argument("--preset", default=None, help="smoke, default or paper (default: default)")
     run.add_argument("--evaluators", type=_csv, default=None, help="comma-separated (default: all)")
-    run.add_argument("--launcher", default="inline", choices=["inline", "local", "slurm"],
+    run.add_argument("--launcher", default=None, choices=["inline", "local", "slurm"],
                      help="inline: in this process; local: --workers processes here; slurm: one job array")  # fmt: skip
     run.add_argument(
         "--cluster", default=None, help="slurm/NAME.toml preset (or a .toml path) for --launcher slurm"
@@ -84,21 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers",
         type=_positive_int,
-        default=2,
+        default=None,
         help="parallel processes for --launcher local (default: 2)",
     )
-    run.add_argument("--nproc", type=_positive_int, default=1,
+    run.add_argument("--nproc", type=_positive_int, default=None,
                      help="processes per run (local or slurm: one task per GPU), data-parallel (default: 1)")  # fmt: skip
-    run.add_argument(
-        "--results", type=Path, default=DEFAULT_RESULTS, help=f"sweep folder (default: {DEFAULT_RESULTS})"
-    )
+    run.add_argument("--results", type=Path, default=None,
+                     help=f"sweep folder (default: {DEFAULT_RESULTS}; with --sweep: the file's)")  # fmt: skip
     run.add_argument("--force", action="store_true", help="redo finished runs")
     run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                     help="a method setting, or slurm.KEY=VALUE to override the cluster preset")  # fmt: skip
-    run.add_argument(
-        "--checkpoint-every", type=_positive_int, default=50, help="steps between resumable state dumps"
-    )
+                     help="a method setting (v1,v2: one run per value), or slurm.KEY=VALUE to override the "
+                     "cluster preset")  # fmt: skip
+    run.add_argument("--checkpoint-every", type=_positive_int, default=None,
+                     help="steps between resumable state dumps (default: 50)")  # fmt: skip
     run.add_argument("--teacher", type=Path, default=None,
                      help="external diffusers class-conditional UNet2DModel folder (or pipeline folder) to unlearn")  # fmt: skip
     run.add_argument("--inception-weights", type=Path, default=None,
@@ -109,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fid-reference", choices=["train", "test"], default=None,
                      help="real images of the Frechet distances: the retained classes' train or test split "
                      "(default: the preset's; paper: train, as the papers)")  # fmt: skip
-    _runtime_args(run)
+    _runtime_args(run, device=None)
 
     status = sub.add_parser(
         "status", help="each run of a sweep: pending, running, done or failed (with its log)"
@@ -173,7 +177,7 @@ def cmd_ls(args) -> None:
     print("datasets (forget sets):")
     for name in DATASETS:
         ds = DATASETS.get(name)()
-        print(f"  {name:<14} {', '.join(ds.forget_sets())}")
+        print(f"  {name:<14} {', '.join([*ds.forget_sets(), 'all-classes'])}")
     print("evaluators:")
     for name in EVALUATORS:
         ev = EVALUATORS.get(name)
@@ -199,8 +203,8 @@ def cmd_show(args) -> None:
 
 def make_specs(args):
     """Resolve names through the registries (unknown ones list the valid ones) into RunSpecs."""
-    from bench.config import RunSpec, parse_sets, resolve_config
-    from bench.data import canonical_name, make_dataset
+    from bench.config import RunSpec, cli_choices, expand_sets, resolve_config
+    from bench.data import canonical_name, forget_set_names, make_dataset
     from bench.models.store import check_external_teacher
     from bench.presets import get_preset
     from bench.registry import METHODS
@@ -209,8 +213,13 @@ def make_specs(args):
     methods = args.methods or [m for m in METHODS if not METHODS.get(m).oracle]
     classes = {m: METHODS.get(m) for m in methods}
     evaluators, options = _evaluators(args)
-    sets = parse_sets(args.sets, {m: c.Config for m, c in classes.items()})
+    configs = {m: c.Config for m, c in classes.items()}
+    sweep = getattr(args, "sweep_file", None)
+    # The file's [set], then the command line's --set (the same method.field: the command line's values).
+    choices = {**(sweep.choices(configs) if sweep else {}), **cli_choices(args.sets, configs)}
+    combos = expand_sets(choices, configs)  # per method: every combination of its swept settings
     teacher = getattr(args, "teacher", None)
+    teacher_path = str(teacher.expanduser().resolve()) if teacher else ""
     specs = []
     for ds_name in map(canonical_name, args.datasets):
         ds = make_dataset(ds_name, data_dir=args.data_dir, image_size=preset.image_size)
@@ -219,19 +228,21 @@ def make_specs(args):
             check_external_teacher(teacher, dataset=ds_name, image_size=ds.image_size, channels=ds.channels,
                                    num_classes=ds.num_classes)  # fmt: skip
         # Aliases (class-00, classes-0-0) are the same forget set, so they get its name and its run id.
-        for forget_set in {fs.name: fs for fs in map(ds.forget_set, args.forget_sets)}.values():
+        names = forget_set_names(ds, args.forget_sets)
+        for forget_set in {fs.name: fs for fs in map(ds.forget_set, names)}.values():
             fs_name = forget_set.name
             for m in methods:
-                # Fail on bad values before any run starts, so no earlier result is touched.
-                classes[m](resolve_config(classes[m], args.preset, sets.get(m, {}))).validate(forget_set)
-                for seed in args.seeds:
-                    specs.append(RunSpec(method=m, dataset=ds_name, forget_set=fs_name, seed=seed, preset=args.preset,
-                                         overrides=tuple(sorted(sets.get(m, {}).items())), evaluators=evaluators,
-                                         teacher_path=str(teacher.expanduser().resolve()) if teacher else "",
-                                         options=options, data=data))  # fmt: skip
+                for overrides in combos.get(m, [{}]):
+                    # Fail on bad values before any run starts, so no earlier result is touched.
+                    classes[m](resolve_config(classes[m], args.preset, overrides)).validate(forget_set)
+                    for seed in args.seeds:
+                        specs.append(RunSpec(method=m, dataset=ds_name, forget_set=fs_name, seed=seed,
+                                             preset=args.preset, overrides=tuple(sorted(overrides.items())),
+                                             evaluators=evaluators, teacher_path=teacher_path,
+                                             options=options, data=data))  # fmt: skip
         if not args.dry_run:
             ds.check()
-    return specs
+    return list(dict.fromkeys(specs))  # 1e-5,1e-05 are one value, so one run
 
 
 def _evaluators(args) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
@@ -257,11 +268,17 @@ def _evaluators(args) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     return tuple(names), tuple(sorted(options.items()))
 
 
-def summary_table(rows) -> str:
-    """A compact pivot of result rows: one line per (dataset, forget set, method), mean over seeds."""
+def summary_table(rows, results: Path | None = None) -> str:
+    """A compact pivot of result rows: one line per (dataset, forget set, method), mean over seeds; runs that
+    differ by a swept setting are rows of their own (sweep.label_swept)."""
     import pandas as pd
 
+    from bench import store
+    from bench.sweep import label_swept
+
     df = pd.DataFrame(rows)
+    if results is not None:
+        df = label_swept(df, {rid: store.run_dir(results, rid) for rid in df["run_id"].unique()})
     df["column"] = df["metric"] + "[" + df["subset"] + "]"
     keep = ["accuracy[forget]", "accuracy[retain]", "to_anchor[forget]", "fd_judge[retain]", "unlearn_s[all]",
             "images_per_s[all]", "nfe[all]"]  # fmt: skip
@@ -275,10 +292,17 @@ def summary_table(rows) -> str:
     return table.to_string(float_format=lambda v: f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}")
 
 
+# What `bench run` does for an option neither the command line nor a sweep file gives.
+RUN_DEFAULTS = {"datasets": ["fashion-mnist"], "forget_sets": ["class-0"], "seeds": [0], "preset": "default",
+                "launcher": "inline", "workers": 2, "nproc": 1, "results": DEFAULT_RESULTS, "device": "cpu",
+                "checkpoint_every": 50}  # fmt: skip
+
+
 def cmd_run(args) -> None:
-    from bench import launch, status, store
+    from bench import launch, status, store, sweep
     from bench.context import Runtime
 
+    sweep.resolve_args(args, RUN_DEFAULTS)
     cluster_sets = [s for s in args.sets if s.startswith("slurm.")]  # the cluster preset's, not a method's
     args.sets = [s for s in args.sets if not s.startswith("slurm.")]
     if args.results.exists() and not args.results.is_dir():
@@ -289,8 +313,12 @@ def cmd_run(args) -> None:
           f"sweep folder {args.results}")  # fmt: skip
     if args.dry_run:
         for s in specs:
-            print(f"  {'todo' if s in plan.todo else 'queued' if s in plan.active else 'done'}  {s.run_id}")
+            state = "todo" if s in plan.todo else "queued" if s in plan.active else "done"
+            settings = " ".join(f"{k}={v}" for k, v in s.overrides)
+            print(f"  {state}  {s.run_id}{f'  {settings}' if settings else ''}")
         return
+    if args.sweep_file and (record := sweep.write_record(args.results, args.sweep_file, specs)):
+        print(f"resolved sweep written to {record}")
     runtime = Runtime(device=args.device, amp=args.amp, data_dir=args.data_dir, checkpoint_every=args.checkpoint_every,
                       progress=sys.stderr.isatty(), nproc=args.nproc)  # fmt: skip
     if args.launcher != "slurm":  # on SLURM the device is the compute node's, checked in the job
@@ -314,7 +342,7 @@ def cmd_run(args) -> None:
     done = [s.run_id for s in launched.states.values() if s.state == "done"]
     rows = [r for rid in done for r in store.read_metrics(store.run_dir(args.results, rid) / "metrics.jsonl")]
     if rows:
-        print(summary_table(rows))
+        print(summary_table(rows, args.results))
     held = {rid: s for rid, s in launched.states.items() if s.state in ("pending", "running")}
     if held:  # another `bench run` took them first: they are its to finish
         print(f"{len(held)} runs are held by another process; `bench status --results {args.results}` follows "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -61,7 +62,7 @@ class RunSpec:
         return f"{self.method}-{dataset}-{self.forget_set}-s{self.seed}-{self.preset}-{digest}"
 
 
-def coerce(value: str, default: Any, *, where: str) -> Any:
+def coerce(value: str, default: Any, *, where: str, flag: str = "--set") -> Any:
     """Parse a --set value to the type of the field's default."""
     try:
         if isinstance(default, bool):
@@ -76,7 +77,20 @@ def coerce(value: str, default: Any, *, where: str) -> Any:
             return tuple(type(default[0])(v) if default else v for v in value.split(","))
         return value
     except ValueError as e:
-        raise BenchError(f"--set {where}={value}: expected a {type(default).__name__}") from e
+        raise BenchError(f"{flag} {where}={value}: expected a {type(default).__name__}") from e
+
+
+def _field(key: str, configs: dict[str, type], where: str) -> dataclasses.Field:
+    """The Config field `method.field` names, or an error naming `where` it was given and what is valid."""
+    method, dot, name = key.partition(".")
+    if not dot:
+        raise BenchError(f"{where}: expected method.field=value, e.g. sfd.lr=1e-4")
+    if method not in configs:
+        raise BenchError(f"{where}: method {method!r} is not in --methods ({', '.join(configs)})")
+    fields = {f.name: f for f in dataclasses.fields(configs[method])}
+    if name not in fields:
+        raise BenchError(f"{where}: {method} has no field {name!r}; fields: {', '.join(fields)}")
+    return fields[name]
 
 
 def parse_sets(items: list[str], configs: dict[str, type]) -> dict[str, dict[str, Any]]:
@@ -84,16 +98,45 @@ def parse_sets(items: list[str], configs: dict[str, type]) -> dict[str, dict[str
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        method, dot, name = key.partition(".")
-        if not sep or not dot:
+        if not sep:
             raise BenchError(f"--set {item!r}: expected method.field=value, e.g. sfd.lr=1e-4")
-        if method not in configs:
-            raise BenchError(f"--set {item!r}: method {method!r} is not in --methods ({', '.join(configs)})")
-        fields = {f.name: f for f in dataclasses.fields(configs[method])}
-        if name not in fields:
-            raise BenchError(f"--set {item!r}: {method} has no field {name!r}; fields: {', '.join(fields)}")
-        out.setdefault(method, {})[name] = coerce(value, fields[name].default, where=key)
+        f = _field(key, configs, f"--set {item!r}")
+        out.setdefault(key.partition(".")[0], {})[f.name] = coerce(value, f.default, where=key)
     return out
+
+
+# "method.field" -> (its alternative values as text, where they were given: "--set" or "FILE [set]")
+Choices = dict[str, tuple[list[str], str]]
+
+
+def cli_choices(items: list[str], configs: dict[str, type]) -> Choices:
+    """`--set method.field=v1,v2` -> alternatives. A comma separates alternatives, except in a tuple-valued field,
+    where it separates the elements of the one value (as `coerce` reads it); the last --set of a key wins."""
+    out: Choices = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BenchError(f"--set {item!r}: expected method.field=value, e.g. sfd.lr=1e-4")
+        f = _field(key, configs, f"--set {item!r}")
+        values = [value] if isinstance(f.default, tuple) else [v.strip() for v in value.split(",")]
+        out[key] = (list(dict.fromkeys(values)), "--set")
+    return out
+
+
+def expand_sets(choices: Choices, configs: dict[str, type]) -> dict[str, list[dict[str, Any]]]:
+    """Alternatives -> per method, every combination of its own settings (the cartesian product), typed: a list
+    of two values for one sfd field gives sfd two override sets and leaves every other method's runs alone."""
+    typed: dict[str, list[tuple[str, list[Any]]]] = {}
+    for key, (values, flag) in choices.items():
+        f = _field(key, configs, f"{flag} {key}")
+        typed.setdefault(key.partition(".")[0], []).append(
+            (f.name, [coerce(v, f.default, where=key, flag=flag) for v in values])
+        )
+    return {
+        method: [dict(zip([n for n, _ in fields], combo, strict=True))
+                 for combo in itertools.product(*(vs for _, vs in fields))]
+        for method, fields in typed.items()
+    }  # fmt: skip
 
 
 def resolve_config(method_cls, preset: str, overrides: dict[str, Any]):

@@ -24,3 +24,23 @@ def canonical_name(name: str) -> str:
     """`imagefolder:rel/path` -> `imagefolder:/abs/path`, so a run's identity does not depend on the directory."""
     kind, sep, path = name.partition(":")
     return f"{kind}:{Path(path).expanduser().resolve()}" if sep and path else name
+
+
+ALL_CLASSES = "all-classes"  # a forget-set list entry: every single-class forget set of the dataset
+
+
+def forget_set_names(ds, names: list[str]) -> list[str]:
+    """`all-classes` -> class-0 .. class-(K-1) of this dataset (the others as given), so one sweep file or command
+    covers every forget class of datasets with different class counts."""
+    out = []
+    for name in names:
+        if name != ALL_CLASSES:
+            out.append(name)
+            continue
+        try:
+            ds.forget_set("class-0")
+        except BenchError as e:
+            raise BenchError(f"forget set {ALL_CLASSES}: dataset {ds.name} has no class-K forget sets; valid: "
+                             f"{', '.join(ds.forget_sets())}") from e  # fmt: skip
+        out += [f"class-{k}" for k in range(ds.num_classes)]
+    return out

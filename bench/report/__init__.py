@@ -12,6 +12,7 @@ import pandas as pd
 
 from bench import store
 from bench.errors import BenchError
+from bench.sweep import label_swept
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def load(results: Path, *, strict: bool = False) -> pd.DataFrame:
         if strict:
             raise BenchError(f"non-numeric or non-finite values in {where}")
         log.warning("skipping rows with non-numeric or non-finite values: %s", where)
-    df = df.assign(value=value).drop(index=bad.index)
+    df = label_swept(df.assign(value=value).drop(index=bad.index), run_dirs(results))  # sfd[lr=...] per value
     dupes = df.drop_duplicates("run_id").duplicated(["method", "dataset", "forget_set", "preset", "seed"])
     if dupes.any():
         log.warning("%d runs share a (method, dataset, forget set, preset, seed) with another run (different "
@@ -83,12 +84,13 @@ def read_time_to_forget(path: Path) -> tuple[pd.DataFrame, dict | None] | None:
 
 def make_report(results: Path, out: Path | None = None, *, strict: bool = False) -> Report:
     """Load, tabulate and plot; `out` defaults to RESULTS/report."""
-    from bench.report import plots, tables
+    from bench.report import across, plots, tables
 
     results = Path(results)
     df = load(results, strict=strict)
     out = Path(out) if out is not None else results / "report"
     markdown, paths = tables.write_tables(df, out)
+    markdown, paths = across.extend(markdown, paths, df, out)  # across forget classes, when there are several
     paths += plots.write_figures(df, out, run_dirs(results))
     # Issue 8's benchmark writes results/benchmarks/; a sweep folder is results/<sweep>, so look beside it too.
     for candidate in (results / TIME_TO_FORGET, results.parent / TIME_TO_FORGET):
