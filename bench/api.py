@@ -178,6 +178,7 @@ class Method(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()  # real data it reads: {"forget", "retain"}
     scaled: ClassVar[dict[str, Scaled]] = {}  # preset name -> budget scaling
     oracle: ClassVar[bool] = False
+    default_sweep: ClassVar[bool] = True  # False: `bench run` without --methods leaves it out (budget)
     # The teacher weights the official code starts from: "ema" (the sampling weights), or "raw" (SA and SalUn load
     # the checkpoint's states[0]) where the teacher keeps them (start_weights).
     starts_from: ClassVar[str] = "ema"
@@ -285,6 +286,35 @@ class Metric:
     higher_is_better: bool
     unit: str = ""
 
+    @property
+    def key(self) -> str:
+        return f"{self.name}[{self.subset}]"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One metric's value with what the report needs to judge it: its 95% interval and how it was computed (none
+    for a figure measured once, like seconds), and the outcomes a paired test across methods reads: one per image
+    of the metric's subset in grid order (image i of class c has the same noise in every method), or one per
+    bootstrap resample of a statistic that is not a mean over images (bench.stats)."""
+
+    metric: Metric
+    value: float
+    n: int
+    ci: tuple[float, float] | None = None
+    ci_method: str = ""  # e.g. "wilson", "bootstrap-1000"
+    outcomes: torch.Tensor | np.ndarray | None = None
+    test: str = ""  # the paired test the outcomes are for: bench.stats.MCNEMAR, WILCOXON or BOOTSTRAP
+
+    @classmethod
+    def of(cls, item: Measurement | tuple) -> Measurement:
+        """An evaluator's item as a Measurement: a plain (metric, value, n) has no interval."""
+        return item if isinstance(item, Measurement) else cls(*item)
+
+    def __iter__(self):
+        """Unpacks as (metric, value, n), as evaluators' items did before intervals, for callers that read those."""
+        return iter((self.metric, self.value, self.n))
+
 
 class Evaluator(ABC):
     """Turns samples into metric rows; it sees samples and the dataset, never the method."""
@@ -302,8 +332,8 @@ class Evaluator(ABC):
         return {}
 
     @abstractmethod
-    def __call__(self, samples: SampleSet, ctx: EvalContext) -> list[tuple[Metric, float, int]]:
-        """(metric, value, n) for each metric; a value that cannot be computed raises."""
+    def __call__(self, samples: SampleSet, ctx: EvalContext) -> list[Measurement | tuple[Metric, float, int]]:
+        """A Measurement, or plainly (metric, value, n), for each metric; a value that cannot be computed raises."""
 
     def row_fields(self, ctx: EvalContext) -> dict[str, Any]:
         """Columns every row of this evaluator carries besides the tidy ones (e.g. the FID's reference set)."""

@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--out", type=Path, required=True, help="teacher folder to write (EMA weights, raw/ the raw ones)"
     )
+    from bench.attack import add_parser as add_attack_parser
+
+    add_attack_parser(sub, csv=_csv, runtime_args=_runtime_args)
     perf = sub.add_parser("perf", help="performance benchmarks (JSON under results/benchmarks/)")
     from benchmarks import BENCHMARKS
 
@@ -210,7 +213,9 @@ def make_specs(args):
     from bench.registry import METHODS
 
     preset = get_preset(args.preset)
-    methods = args.methods or [m for m in METHODS if not METHODS.get(m).oracle]
+    methods = args.methods or [
+        m for m in METHODS if not METHODS.get(m).oracle and METHODS.get(m).default_sweep
+    ]
     classes = {m: METHODS.get(m) for m in methods}
     evaluators, options = _evaluators(args)
     configs = {m: c.Config for m, c in classes.items()}
@@ -256,9 +261,10 @@ def _evaluators(args) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     given = {"inception_weights": getattr(args, "inception_weights", None),
              "fid_reference": getattr(args, "fid_reference", None),
              "clip_model": getattr(args, "clip_model", None)}  # fmt: skip
-    names = args.evaluators or [
-        e for e in EVALUATORS if not EVALUATORS.get(e).needs or given.get(EVALUATORS.get(e).needs)
-    ]
+    from bench.attack import evaluator_names
+
+    defaults = [e for e in EVALUATORS if not EVALUATORS.get(e).needs or given.get(EVALUATORS.get(e).needs)]
+    names = evaluator_names(args.evaluators, defaults)  # '+NAME' adds to the defaults; attacks are left out
     options: dict[str, str] = {}
     for e in names:
         options.update(EVALUATORS.get(e).resolve_options(given))
@@ -299,10 +305,12 @@ RUN_DEFAULTS = {"datasets": ["fashion-mnist"], "forget_sets": ["class-0"], "seed
 
 
 def cmd_run(args) -> None:
-    from bench import launch, status, store, sweep
+    from bench import attack, launch, status, store, sweep
     from bench.context import Runtime
 
     sweep.resolve_args(args, RUN_DEFAULTS)
+    attacks = attack.requested(args.evaluators)  # --evaluators +robustness: bench/attack.py, after the runs
+    args.methods = attack.with_controls(args.methods, attacks)
     cluster_sets = [s for s in args.sets if s.startswith("slurm.")]  # the cluster preset's, not a method's
     args.sets = [s for s in args.sets if not s.startswith("slurm.")]
     if args.results.exists() and not args.results.is_dir():
@@ -337,6 +345,8 @@ def cmd_run(args) -> None:
             )
             return
         launched.states = status.follow(args.results, [s.run_id for s in plan.todo + plan.active])
+    if attacks:
+        attack.after_run(args.results, specs, runtime, attacks)
     if not launched.states:
         return
     done = [s.run_id for s in launched.states.values() if s.state == "done"]
@@ -458,6 +468,12 @@ def cmd_perf(args) -> None:
     print(f"== all tables: {path}")
 
 
+def cmd_attack(args) -> None:
+    from bench.attack import cmd_attack as attack
+
+    attack(args)
+
+
 def cmd_report(args) -> None:
     from bench.report import make_report
 
@@ -477,6 +493,7 @@ COMMANDS = {
     "report": cmd_report,
     "perf": cmd_perf,
     "import-teacher": cmd_import_teacher,
+    "attack": cmd_attack,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -155,6 +156,12 @@ class RunContext:
             extra = {"_generators": {k: g.get_state() for k, g in self._generators.items()},
                      "_elapsed": self.elapsed(), "_global_rng": global_rng}  # fmt: skip
             save_state(self.state_path, {**state, **extra})
+
+    def clear_state(self) -> None:
+        """Delete the state dumps (a method whose next stage must not resume from this stage's last dump)."""
+        if self.world.is_main:
+            shutil.rmtree(self.state_path.parent, ignore_errors=True)
+        self.world.barrier()
 
     def load_state(self) -> dict | None:
         """The last dumped state (restoring the generators), or None on a fresh start. The scalar log is cut back

@@ -1,4 +1,4 @@
-"""One Registry class; METHODS, DATASETS and EVALUATORS are its instances."""
+"""One Registry class; METHODS, DATASETS, EVALUATORS and ATTACKS are its instances."""
 
 from __future__ import annotations
 
@@ -58,3 +58,4 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method", ("methods",))
 DATASETS: Registry = Registry("dataset", ("bench.data",))
 EVALUATORS: Registry = Registry("evaluator", ("evaluators",))
+ATTACKS: Registry = Registry("attack", ("attacks",))  # bench/attack.py runs them on finished runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import platform
 import resource
 import shutil
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench import distributed, store
-from bench.api import EvalContext, SampleSet
+from bench.api import EvalContext, Measurement, SampleSet
 from bench.config import RunSpec, resolve_config
 from bench.context import RunContext, Runtime
 from bench.data import make_dataset
@@ -189,6 +190,11 @@ class Phases:
                 "overhead_s": total - compute, "overhead_fraction": (total - compute) / total}  # fmt: skip
 
 
+def _finite(v) -> float | None:
+    """A bound as JSON holds it: null rather than NaN (not JSON) where there is none."""
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
 def eval_grid(num_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, list[int]]:
     """Labels and per-image seeds of the evaluation grid: image j of class c has the same seed in every method."""
     labels = torch.arange(num_classes).repeat_interleave(per_class)
@@ -352,20 +358,25 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         options={"fid_reference": preset.fid_reference, **dict(spec.options)},
         anchors=anchors,
     )
-    rows = []
+    rows, outcomes = [], {}
     sampled = sampling_fields(model, preset)
     for ev in evaluators:
         with phases("evaluate"):
-            measured = ev(samples, ectx)
+            measured = [Measurement.of(item) for item in ev(samples, ectx)]
             extra = ev.row_fields(ectx)
-        for metric, value, n in measured:
+        for m in measured:
+            low, high = (_finite(b) for b in m.ci) if m.ci is not None else (None, None)
             rows.append({"run_id": spec.run_id, "method": spec.method, "dataset": spec.dataset,
                          "forget_set": spec.forget_set, "seed": spec.seed, "evaluator": ev.name,
-                         "metric": metric.name, "subset": metric.subset, "value": float(value), "n": int(n),
-                         "higher_is_better": metric.higher_is_better, "unit": metric.unit, "preset": spec.preset,
+                         "metric": m.metric.name, "subset": m.metric.subset, "value": float(m.value), "n": int(m.n),
+                         "higher_is_better": m.metric.higher_is_better, "unit": m.metric.unit, "ci_low": low,
+                         "ci_high": high, "ci_method": m.ci_method or None, "preset": spec.preset,
                          "evaluator_version": ev.version, "method_version": method_cls.version, **sampled,
                          **extra})  # fmt: skip
+            if m.outcomes is not None:
+                outcomes[m.metric.key] = (m.outcomes, m.test)
     with phases("write"):
+        store.write_outcomes(d, outcomes)  # before the metrics: DONE, written last, records both checksums
         store.write_metrics(d / "metrics.jsonl", rows)
     store.write_json(d / "timings.json", phases.summary())
     store.mark_done(d)

@@ -11,15 +11,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from bench.errors import BenchError
+from bench.files import check_file, sha256, share
 
 log = logging.getLogger(__name__)
 
-DONE = "DONE"  # written last: the run finished (it holds the metrics' checksum)
+DONE = "DONE"  # written last: the run finished (it holds the metrics' and the outcomes' checksums)
+OUTCOMES = "outcomes.safetensors"  # per-image outcomes (or bootstrap replicates) per metric, for paired tests
 COLUMNS = ("run_id", "method", "dataset", "forget_set", "seed", "evaluator", "metric", "subset",
            "value", "n", "higher_is_better", "unit")  # fmt: skip
+# The value's 95% interval (null where it has none) and how it was computed; rows written before they existed
+# lack them and load as NaN.
+INTERVAL = ("ci_low", "ci_high", "ci_method")
 
 
 def run_dir(results: Path, run_id: str) -> Path:
@@ -116,14 +122,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         missing = [c for c in COLUMNS if c not in row]
         if missing:
             raise BenchError(f"broken results file {path}, line {i}: missing columns {', '.join(missing)}")
-        if not isinstance(row["value"], int | float) or isinstance(row["value"], bool):
-            raise BenchError(f"broken results file {path}, line {i}: value {row['value']!r} is not a number")
+        for col in ("value", "ci_low", "ci_high"):
+            v = row.get(col)
+            if (v is None and col != "value") or (isinstance(v, int | float) and not isinstance(v, bool)):
+                continue
+            raise BenchError(f"broken results file {path}, line {i}: {col} {v!r} is not a number")
         if done and row["run_id"] != path.parent.name:
             raise BenchError(f"broken results file {path}, line {i}: a row of run {row['run_id']!r}, not of its "
                              f"folder's run {path.parent.name!r}")  # fmt: skip
         rows.append(row)
     if not rows:
         raise BenchError(f"broken results file {path}: it is empty")
+    if done:
+        check_outcomes(path.parent, done)
     return rows
 
 
@@ -156,15 +167,69 @@ def is_done(directory: Path) -> bool:
 
 
 def mark_done(directory: Path) -> None:
-    """Record the metrics' checksum and row count in DONE, so an edited or truncated file is noticed."""
+    """Record the checksums of the metrics (with their row count) and of the outcomes in DONE, so an edited or
+    truncated file is noticed."""
     raw = (directory / "metrics.jsonl").read_bytes()
-    write_json(
-        directory / DONE, {"metrics_sha256": hashlib.sha256(raw).hexdigest(), "rows": raw.count(b"\n")}
-    )
+    record = {"metrics_sha256": hashlib.sha256(raw).hexdigest(), "rows": raw.count(b"\n")}
+    if (directory / OUTCOMES).is_file():
+        record["outcomes_sha256"] = sha256(directory / OUTCOMES)
+    write_json(directory / DONE, record)
+
+
+def write_outcomes(directory: Path, outcomes: dict[str, tuple[Any, str]]) -> None:
+    """Write {metric[subset]: (1-d values, test)} atomically as safetensors (binary outcomes as uint8, the others
+    float64; the test names in its metadata), readable by the user's umask like the run's other files."""
+    import torch
+    from safetensors.torch import save_file
+
+    def tensor(v) -> torch.Tensor:
+        t = torch.as_tensor(v).detach().cpu()
+        return (t.to(torch.uint8) if t.dtype in (torch.bool, torch.uint8) else t.double()).contiguous()
+
+    tensors = {k: tensor(v) for k, (v, _) in outcomes.items()}
+    tests = {k: test for k, (_, test) in outcomes.items()}
+    path = Path(directory) / OUTCOMES
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"tests": json.dumps(tests)})
+    share(tmp)
+    os.replace(tmp, path)
+
+
+def check_outcomes(directory: Path, done: dict[str, Any] | None = None) -> Path | None:
+    """The outcomes file of a finished run, checked against the checksum DONE recorded (None when the run wrote
+    none, as runs made before they existed); a missing, changed or unrecorded file raises a BenchError naming it."""
+    directory = Path(directory)
+    done = _done_record(directory) if done is None else done
+    path, digest = directory / OUTCOMES, done.get("outcomes_sha256")
+    if digest is None:
+        if path.is_file():
+            raise BenchError(f"{path} is not recorded in {directory / DONE}: the harness did not write it there "
+                             "when the run finished; delete it, or redo the run with --force")  # fmt: skip
+        return None
+    check_file(path, digest, record=directory / DONE, remedy="restore it, or redo the run with --force")
+    return path
+
+
+def read_outcomes(directory: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """{metric[subset]: (values, test)} of a finished run, checked ({} for a run without outcomes or not done);
+    read by safetensors, which never unpickles."""
+    from safetensors import SafetensorError, safe_open
+
+    if not (Path(directory) / DONE).is_file() or (path := check_outcomes(directory)) is None:
+        return {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            tests = json.loads((f.metadata() or {}).get("tests", "{}"))
+            values = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise BenchError(f"cannot read {path}: {e}") from e
+    if not isinstance(tests, dict) or set(tests) != set(values) or any(v.ndim != 1 for v in values.values()):
+        raise BenchError(f"broken {path}: expected 1-d outcomes, each with its test named in the metadata")
+    return {k: (values[k], str(tests[k])) for k in values}
 
 
 def load_results(results: Path, *, strict: bool = True) -> pd.DataFrame:
-    """Every metrics.jsonl under `results` as one tidy DataFrame (COLUMNS first)."""
+    """Every metrics.jsonl under `results` as one tidy DataFrame: COLUMNS, and INTERVAL (NaN where rows lack it)."""
     frames = []
     for path in sorted(Path(results).rglob("metrics.jsonl")):
         try:
@@ -174,5 +239,9 @@ def load_results(results: Path, *, strict: bool = True) -> pd.DataFrame:
                 raise
             log.warning("skipped: %s", e)  # the message names the file and the line
     if not frames:
-        return pd.DataFrame(columns=list(COLUMNS))
-    return pd.concat(frames, ignore_index=True)
+        return pd.DataFrame(columns=[*COLUMNS, *INTERVAL])
+    df = pd.concat(frames, ignore_index=True)
+    for col in INTERVAL:  # rows made before intervals existed have none: NaN
+        if col not in df.columns:
+            df[col] = None
+    return df.assign(ci_low=pd.to_numeric(df["ci_low"]), ci_high=pd.to_numeric(df["ci_high"]))

@@ -6,4 +6,5 @@ BENCHMARKS = {
     "evaluation": "benchmarks.evaluation",
     "paper_scale": "benchmarks.paper_scale",
     "time_to_forget": "benchmarks.time_to_forget",
+    "robustness": "benchmarks.robustness",
 }

@@ -1,8 +1,10 @@
-"""CLIP score (Hessel et al., 2021) of generations against "a photo of a {class name}", via torchmetrics CLIPScore.
+"""CLIP score (Hessel et al., 2021) of generations against "a photo of a {class name}", as torchmetrics CLIPScore.
 
 Reported on the forgotten classes (lower: the model no longer draws what the prompt names) and the retained
-ones (higher). torchmetrics 1.9 averages 100 * cos(image, text) over the images and clips the mean at 0. It
-runs only with a local transformers CLIP folder (--clip-model DIR): no model can be downloaded here.
+ones (higher). torchmetrics 1.9 averages 100 * cos(image, text) over the images and clips the mean at 0; the
+per-image scores (from the update function CLIPScore itself calls) give a percentile bootstrap interval over the
+images and the report's Wilcoxon signed-rank test. It runs only with a local transformers CLIP folder
+(--clip-model DIR): no model can be downloaded here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.api import EvalContext, Evaluator, Metric, SampleSet
+from bench import stats
+from bench.api import EvalContext, Evaluator, Measurement, Metric, SampleSet
 from bench.errors import BenchError
 from bench.registry import EVALUATORS
 
@@ -84,19 +87,26 @@ def load_clip(path: str):
     return Transformers5CLIP(model), processor
 
 
-def clip_score(
-    model, processor, images: torch.Tensor, prompts: list[str], *, device, batch_size: int = 64
-) -> float:
-    """torchmetrics CLIPScore of float images in [-1, 1] (grayscale repeated to RGB) against their prompts."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
+def clip_scores(model, processor, images: torch.Tensor, prompts: list[str], *, device,
+                batch_size: int = 64) -> torch.Tensor:  # fmt: skip
+    """100 * cos(image, prompt) per image (float images in [-1, 1], grayscale repeated to RGB), by the function
+    torchmetrics' CLIPScore.update calls."""
+    from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 
-    metric = CLIPScore(model_name_or_path=lambda: (model, processor)).to(device)
     x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            metric.update(list(x[i : i + batch_size].to(device)), prompts[i : i + batch_size])
-    return float(metric.compute())
+        out = [_clip_score_update(list(x[i : i + batch_size].to(device)), prompts[i : i + batch_size], model,
+                                  processor)[0].float().cpu() for i in range(0, len(x), batch_size)]  # fmt: skip
+    return torch.cat(out)
+
+
+def clip_score(
+    model, processor, images: torch.Tensor, prompts: list[str], *, device, batch_size: int = 64
+) -> float:
+    """torchmetrics CLIPScore of float images in [-1, 1] against their prompts: the mean score, clipped at 0."""
+    scores = clip_scores(model, processor, images, prompts, device=device, batch_size=batch_size)
+    return max(scores.mean().item(), 0.0)
 
 
 @EVALUATORS.register("clip_score")
@@ -104,7 +114,7 @@ class ClipScore(Evaluator):
     """clip_score of the generations of forgotten and of retained classes against their class prompts."""
 
     name = "clip_score"
-    version = "1"
+    version = "2"  # 2: bootstrap intervals and per-image scores
     metrics = (CLIP_FORGET, CLIP_RETAIN)
     needs = "clip_model"
 
@@ -126,11 +136,10 @@ class ClipScore(Evaluator):
             if not labels:
                 raise ValueError(f"clip_score[{metric.subset}] has no generated images to score")
             prompts = [PROMPT.format(names[k]) for k in labels]
-            rows.append(
-                (
-                    metric,
-                    clip_score(model, processor, samples.images[mask], prompts, device=ctx.device),
-                    len(labels),
-                )
-            )
+            scores = clip_scores(model, processor, samples.images[mask], prompts, device=ctx.device).double()
+            ci = tuple(
+                max(b, 0.0) for b in stats.bootstrap_mean_interval(scores.numpy())
+            )  # clipped as the mean
+            rows.append(Measurement(metric, max(scores.mean().item(), 0.0), len(labels), ci=ci,
+                                    ci_method=f"bootstrap-{stats.RESAMPLES}", outcomes=scores, test=stats.WILCOXON))  # fmt: skip
         return rows

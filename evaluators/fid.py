@@ -9,6 +9,12 @@ and the real images of the retained classes (the test split, or at the paper pre
 compare with every training image of the remaining classes), both at the run's resolution (grayscale repeated to
 RGB). The reference features of a split are computed once per weights file and resolution and cached
 (models.store.cache_dir()); the statistics of any forget set's retained classes come from them.
+
+Each distance carries a 95% bootstrap interval over the generated samples (bench.stats.frechet_bootstrap): the
+generated features are resampled with replacement (fd_judge 1000 times, fid_inception 200: its 2048-d
+statistics cost far more per resample), the reference statistics stay fixed, and the percentile interval is moved
+by the resampling's bias. The replicates are the outcomes of the report's paired bootstrap test: a fixed seed makes
+two runs with as many samples resample the same image indices.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from bench.api import EvalContext, Evaluator, Metric, SampleSet
+from bench import stats
+from bench.api import EvalContext, Evaluator, Measurement, Metric, SampleSet
 from bench.errors import BenchError
 from bench.models.store import cache_dir
 from bench.registry import EVALUATORS
@@ -37,6 +44,8 @@ FD_JUDGE = Metric("fd_judge", "retain", higher_is_better=False)
 FID_INCEPTION = Metric("fid_inception", "retain", higher_is_better=False)
 # torch-fidelity's / torchmetrics' file name, then pytorch-fid's: the same 566 tensors of the same network.
 HUB_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+FD_RESAMPLES = stats.RESAMPLES
+FID_RESAMPLES = 200
 
 
 class JudgeFeatures(nn.Module):
@@ -55,6 +64,12 @@ def frechet_distance(
     judge: nn.Module, real: torch.Tensor, fake: torch.Tensor, *, device, batch_size: int = 1000
 ) -> float:
     """FID formula (torchmetrics) on judge features; images are float tensors in [-1, 1]."""
+    return float(_judge_fid(judge, real, fake, device=device, batch_size=batch_size).compute())
+
+
+def _judge_fid(judge: nn.Module, real: torch.Tensor, fake: torch.Tensor, *, device,
+               batch_size: int = 1000) -> FrechetInceptionDistance:  # fmt: skip
+    """torchmetrics' FID state after seeing both image sets, checked finite."""
     check_finite_images(fake, "generated images")
     judge.eval()
     fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), reset_real_features=True).to(device)
@@ -67,7 +82,32 @@ def frechet_distance(
         sums = (getattr(fid, f"{which}_features_sum"), getattr(fid, f"{which}_features_cov_sum"))
         if not all(bool(torch.isfinite(t).all()) for t in sums):
             raise BenchError(non_finite(f"judge features of the {which} images", "the judge"))
-    return float(fid.compute())
+    return fid
+
+
+def real_statistics(fid: FrechetInceptionDistance) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference mean and covariance as torchmetrics computes them from its running sums (float64)."""
+    n = fid.real_features_num_samples.double()
+    mean = fid.real_features_sum.double() / n
+    cov = (fid.real_features_cov_sum.double() - n * torch.outer(mean, mean)) / (n - 1)
+    return mean.cpu(), cov.cpu()
+
+
+@torch.no_grad()
+def judge_features(judge: nn.Module, images: torch.Tensor, *, device, batch_size: int = 1000) -> np.ndarray:
+    """The judge's penultimate features (float64) of images in [-1, 1]."""
+    feats = JudgeFeatures(judge.eval()).to(device)
+    return torch.cat([feats(images[i : i + batch_size].to(device)).double().cpu()
+                      for i in range(0, len(images), batch_size)]).numpy()  # fmt: skip
+
+
+def bootstrapped(
+    metric: Metric, value: float, real: tuple, fake: np.ndarray, resamples: int, device
+) -> Measurement:
+    """A Frechet distance with its bias-shifted bootstrap interval over the generated samples and the replicates."""
+    reps = stats.frechet_bootstrap(*real, fake, stats.bootstrap_counts(len(fake), resamples), device=device)
+    return Measurement(metric, value, len(fake), ci=stats.shifted_interval(value, reps),
+                       ci_method=f"bootstrap-{resamples}-shifted", outcomes=reps, test=stats.BOOTSTRAP)  # fmt: skip
 
 
 def non_finite(what: str, network: str) -> str:
@@ -221,6 +261,12 @@ def frechet_from_features(real: np.ndarray, fake: np.ndarray) -> float:
 def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights: str, *, device,
                   split: str = "test") -> float:  # fmt: skip
     """FID between `fake` and the real `split` images of `classes` (Inception features by torch-fidelity)."""
+    return frechet_from_features(*inception_pair(dataset, classes, fake, weights, device=device, split=split))
+
+
+def inception_pair(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights: str, *, device,
+                   split: str = "test") -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Inception features of the real `split` images of `classes` (cached) and of `fake`."""
     check_finite_images(fake, "generated images")
     net, digest = load_inception(weights)
     real, labels = reference_features(dataset, net, digest, device=device, split=split)
@@ -229,7 +275,7 @@ def fid_inception(dataset, classes: tuple[int, ...], fake: torch.Tensor, weights
         raise ValueError(
             "fid_inception needs at least two generated and two real images of the retained classes"
         )
-    return frechet_from_features(real, inception_features(net, fake, device=device))
+    return real, inception_features(net, fake, device=device)
 
 
 @EVALUATORS.register("fid")
@@ -240,7 +286,7 @@ class FID(Evaluator):
     reference and how many real images it holds (`reference`, `reference_n`)."""
 
     name = "fid"
-    version = "1"
+    version = "2"  # 2: bootstrap intervals and replicates
     metrics = (FD_JUDGE, FID_INCEPTION)
 
     @classmethod
@@ -278,9 +324,14 @@ class FID(Evaluator):
             raise ValueError(
                 "fd_judge needs at least two generated and two real images of the retained classes"
             )
-        rows = [(FD_JUDGE, frechet_distance(ctx.judge, real, fake, device=ctx.device), len(fake))]
+        fid = _judge_fid(ctx.judge, real, fake, device=ctx.device)
+        features = judge_features(ctx.judge, fake, device=ctx.device)
+        rows = [bootstrapped(FD_JUDGE, float(fid.compute()), real_statistics(fid), features, FD_RESAMPLES,
+                             ctx.device)]  # fmt: skip
         weights = ctx.options.get("inception_weights")
         if weights:
-            value = fid_inception(ctx.dataset, retain, fake, weights, device=ctx.device, split=split)
-            rows.append((FID_INCEPTION, value, len(fake)))
+            ref, gen = inception_pair(ctx.dataset, retain, fake, weights, device=ctx.device, split=split)
+            reference = (ref.mean(0), np.cov(ref, rowvar=False))
+            rows.append(bootstrapped(FID_INCEPTION, frechet_from_features(ref, gen), reference, gen, FID_RESAMPLES,
+                                     ctx.device))  # fmt: skip
         return rows

@@ -1,10 +1,16 @@
-"""Forget accuracy: how often the judge recognises generations as the class they were conditioned on."""
+"""Forget accuracy: how often the judge recognises generations as the class they were conditioned on.
+
+Each rate (accuracy, to_anchor) carries its 95% Wilson interval and the per-image outcomes (hit or not) for the
+report's exact McNemar test; each mean over images (prob, entropy) its percentile bootstrap interval over the images
+and the per-image values for the Wilcoxon signed-rank test (bench.stats).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from bench.api import EvalContext, Evaluator, Metric, SampleSet
+from bench import stats
+from bench.api import EvalContext, Evaluator, Measurement, Metric, SampleSet
 from bench.models.judge import judge_probs
 from bench.registry import EVALUATORS
 
@@ -15,6 +21,20 @@ ENTROPY_FORGET = Metric("entropy", "forget", higher_is_better=True, unit="nats")
 TO_ANCHOR = Metric("to_anchor", "forget", higher_is_better=True)
 
 
+def rate(metric: Metric, outcomes: torch.Tensor) -> Measurement:
+    """A fraction of images, with its Wilson interval and the images' outcomes (for McNemar)."""
+    k, n = int(outcomes.sum()), len(outcomes)
+    return Measurement(metric, k / n, n, ci=stats.wilson_interval(k, n), ci_method="wilson",
+                       outcomes=outcomes.to(torch.uint8), test=stats.MCNEMAR)  # fmt: skip
+
+
+def mean(metric: Metric, values: torch.Tensor) -> Measurement:
+    """A mean over images, with its percentile bootstrap interval and the images' values (for Wilcoxon)."""
+    v = values.double()
+    return Measurement(metric, v.mean().item(), len(v), ci=stats.bootstrap_mean_interval(v.numpy()),
+                       ci_method=f"bootstrap-{stats.RESAMPLES}", outcomes=v, test=stats.WILCOXON)  # fmt: skip
+
+
 @EVALUATORS.register("forget_accuracy")
 class ForgetAccuracy(Evaluator):
     """accuracy (forget / retain subsets), and for the forgotten classes the judge's mean probability of the
@@ -23,7 +43,7 @@ class ForgetAccuracy(Evaluator):
     or, when it sends them to random retained classes, any retained class."""
 
     name = "forget_accuracy"
-    version = "1"
+    version = "2"  # 2: intervals and per-image outcomes; rates are exact k/n
     metrics = (ACC_FORGET, ACC_RETAIN, PROB_FORGET, ENTROPY_FORGET, TO_ANCHOR)
 
     def __call__(self, samples: SampleSet, ctx: EvalContext):
@@ -32,20 +52,15 @@ class ForgetAccuracy(Evaluator):
         labels = samples.labels
         forget = (labels[:, None] == labels.new_tensor(ctx.forget_set.forget)).any(-1)
         retain = ~forget
-        hit = (pred == labels).float()
+        hit = pred == labels
         p_cond = probs.gather(1, labels[:, None]).squeeze(1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        nf, nr = int(forget.sum()), int(retain.sum())
-        if nf == 0 or nr == 0:
+        if not forget.any() or not retain.any():
             raise ValueError("the evaluation grid needs samples of both forgotten and retained classes")
         return [
-            (ACC_FORGET, hit[forget].mean().item(), nf),
-            (ACC_RETAIN, hit[retain].mean().item(), nr),
-            (PROB_FORGET, p_cond[forget].mean().item(), nf),
-            (ENTROPY_FORGET, entropy[forget].mean().item(), nf),
-            (
-                TO_ANCHOR,
-                torch.isin(pred[forget], pred.new_tensor(ctx.anchor_classes)).float().mean().item(),
-                nf,
-            ),
+            rate(ACC_FORGET, hit[forget]),
+            rate(ACC_RETAIN, hit[retain]),
+            mean(PROB_FORGET, p_cond[forget]),
+            mean(ENTROPY_FORGET, entropy[forget]),
+            rate(TO_ANCHOR, torch.isin(pred[forget], pred.new_tensor(ctx.anchor_classes))),
         ]

@@ -24,24 +24,18 @@ of F is 1.2x the all-1000-timesteps value with 100 timesteps and 1.6x with 25, h
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bench.api import DECAY, FRACTION, NON_NEGATIVE, POSITIVE, Method, Range, Scaled, param
-from bench.errors import BenchError
-from bench.files import check_file, sha256, share
 from bench.models import store
+from bench.models.cache import cache_record, cached_tensors, teacher_digest
 from bench.models.unet import noise_schedule, num_classes_of
 from bench.registry import METHODS
 from bench.sampling import DiffusionModel, autocast
-from bench.store import atomic_write_text
 from bench.training import EMA, random_flip
 
 SRC = "SA ddpm/configs/cifar10_forget.yml"
@@ -130,47 +124,8 @@ def diagonal_fisher(unet: nn.Module, x: torch.Tensor, y: torch.Tensor, *, timest
     return {n: (f / len(x)).cpu() for n, f in zip(names, fisher, strict=True)}
 
 
-def teacher_digest(unet: nn.Module, start: nn.Module | None = None) -> str:
-    """sha256 of the teacher's weights (names and bytes), and of the weights the Fisher is taken at when they are
-    others (its raw weights), so a different teacher never reuses a cache."""
-    h = hashlib.sha256()
-    for net in (unet,) if start is None or start is unet else (unet, start):
-        for name, tensor in sorted(net.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def cache_record(path: Path) -> Path:
-    """The checksum record beside a cache file (replay-....safetensors -> replay-....safetensors.json)."""
-    return path.with_name(path.name + ".json")
-
-
 def _cached(path: Path, compute) -> dict[str, torch.Tensor]:
-    """Load a safetensors cache after checking it against the sha256 recorded when it was written, or compute it
-    and write it (the record first, then the file, atomically; parallel runs wait for one computation)."""
-    record = cache_record(path)
-    remedy = f"delete {path} and {record.name} beside it (a cache: the next SA run computes it again)"
-    with store.locked(path):
-        if path.is_file():
-            try:
-                digest = json.loads(record.read_text())["sha256"]
-            except (OSError, ValueError, KeyError, TypeError):
-                digest = None  # no record (an older version wrote the file): compute it again
-            if isinstance(digest, str):
-                check_file(path, digest, record=record, remedy=remedy)
-                try:
-                    return load_file(path)
-                except Exception as e:
-                    raise BenchError(f"cannot load the SA cache {path}: {e}; {remedy}") from e
-        tensors = {k: v.contiguous() for k, v in compute().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, tmp)
-        share(tmp)  # save_file makes it 0600: unreadable for others sharing BENCH_MODEL_DIR
-        atomic_write_text(record, json.dumps({"file": path.name, "sha256": sha256(tmp)}) + "\n")
-        os.replace(tmp, path)
-    return tensors
+    return cached_tensors(path, compute, what="SA")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,10 @@ frequencies (balanced here, so we draw them uniformly without loading the data).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,6 +42,8 @@ from bench.api import (
     param,
 )
 from bench.errors import BenchError
+from bench.models import store as model_store
+from bench.models.cache import load_cached, teacher_digest, write_cached
 from bench.models.unet import noise_schedule
 from bench.registry import METHODS
 from bench.sampling import OneStepGenerator, autocast
@@ -233,30 +238,52 @@ class SFD(Method):
         anchor_labels(cfg.anchor, forget_set, 1, torch.Generator())
 
     def unlearn(self, teacher, forget_set, ctx):
+        _, ema = self.distill(
+            teacher.unet, teacher.unet, teacher.unet, forget_set, ctx, shape=teacher.image_shape
+        )
+        return OneStepGenerator(ema, t_init=self.config.t_init)
+
+    def distill(self, teacher: nn.Module, fake_init: nn.Module, generator_init: nn.Module, forget_set: ForgetSet,
+                ctx, *, shape: tuple[int, ...], stream: str = "sfd", extra_state: dict | None = None,
+                step_offset: int = 0) -> tuple[nn.Module, nn.Module]:  # fmt: skip
+        """The SFD/SiD loop from these three starting networks (copied); returns the fake score and the EMA of
+        the generator's network. `stream` names its random stream, `extra_state` goes into its state dumps, and
+        `step_offset` counts the steps of an earlier stage in the logs, probes and dumps (sfd-2stage)."""
         cfg = self.config
         dev, amp = ctx.device, ctx.amp
-        g = ctx.generator("sfd")
+        g = ctx.generator(stream)
         self.validate(forget_set)
         world = ctx.world  # every rank draws the global batch from g and computes on its slice of each term
         world.check_batch(cfg.batch_size, f"{self.name}.batch_size")
-        frozen = copy.deepcopy(teacher.unet).to(dev).eval().requires_grad_(False)
-        fake = copy.deepcopy(teacher.unet).to(dev).train()
-        gen = OneStepGenerator(copy.deepcopy(teacher.unet).to(dev).train(), t_init=cfg.t_init)
+        frozen = copy.deepcopy(teacher).to(dev).eval().requires_grad_(False)
+        fake = copy.deepcopy(fake_init).to(dev).train().requires_grad_(True)
+        gen = OneStepGenerator(
+            copy.deepcopy(generator_init).to(dev).train().requires_grad_(True), t_init=cfg.t_init
+        )
         ema = EMA(gen.unet, cfg.ema_decay)
         adam = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
         opt_fake = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, **adam)
         opt_gen = torch.optim.Adam(gen.unet.parameters(), lr=cfg.lr_generator, **adam)
         start = 0
-        if (state := ctx.load_state()) is not None:
+        state = ctx.load_state()
+        if (
+            state is not None
+            and extra_state is not None
+            and state.get("extra", {}).get("stage") != extra_state.get("stage")
+        ):
+            state = None  # another stage's dump (sfd-2stage): this stage starts afresh
+        if state is not None:
             for obj, key in ((fake, "fake"), (gen.unet, "generator"), (ema, "ema"), (opt_fake, "opt_fake"),
                              (opt_gen, "opt_generator")):  # fmt: skip
                 obj.load_state_dict(state[key])
-            start = state["step"]
+            start = state["step"] - step_offset
+            if extra_state is not None:
+                extra_state.update(state.get("extra", {}))
         sched = Schedule(dev)
         every = (*forget_set.retain, *forget_set.forget)
         retain = torch.tensor(sorted(every) if cfg.distill == "all" else forget_set.retain)
         forget = torch.tensor(forget_set.forget)
-        n, shape = cfg.batch_size, teacher.image_shape
+        n = cfg.batch_size
         bar = ctx.progress(cfg.iterations, self.name, initial=start)
         for step in range(start, cfg.iterations):
             c_r = world.shard(retain[torch.randint(len(retain), (n,), generator=g)]).to(dev)
@@ -286,14 +313,15 @@ class SFD(Method):
             loss_fake, loss_gen = world.all_reduce_mean([loss_fake, loss_gen])  # the global batch's losses
 
             bar.update()
-            ctx.log(step + 1, loss_fake=loss_fake, loss_generator=loss_gen)
-            ctx.probe(step + 1, lambda: OneStepGenerator(ema.model, t_init=cfg.t_init))
+            ctx.log(step_offset + step + 1, loss_fake=loss_fake, loss_generator=loss_gen)
+            ctx.probe(step_offset + step + 1, lambda: OneStepGenerator(ema.model, t_init=cfg.t_init))
             if ctx.should_save(step + 1):
                 ctx.save_state({"fake": fake.state_dict(), "generator": gen.unet.state_dict(),
                                 "ema": ema.state_dict(), "opt_fake": opt_fake.state_dict(),
-                                "opt_generator": opt_gen.state_dict(), "step": step + 1})  # fmt: skip
+                                "opt_generator": opt_gen.state_dict(), "step": step_offset + step + 1,
+                                "extra": dict(extra_state or {})})  # fmt: skip
         bar.close()
-        return OneStepGenerator(ema.model, t_init=cfg.t_init)
+        return fake.eval(), ema.model
 
 
 @METHODS.register("sid")
@@ -310,3 +338,52 @@ class SiD(SFD):
             "lr_fake 3e-4 and lr_generator 1e-4 keep cifar10_sid.yml's ratio of 3",
         ),
     }  # fmt: skip
+
+    def unlearn(self, teacher, forget_set, ctx):
+        _, ema = self.stage1(teacher, forget_set, ctx)
+        return OneStepGenerator(ema, t_init=self.config.t_init)
+
+    def stage1_path(self, teacher, seed: int) -> Path:
+        """Where the distillation of this teacher with this config and seed is kept: it reads no forget set (every
+        class distilled, forgetting weights 0), so every forget set's `sid` and `sfd-2stage` runs share it."""
+        blob = json.dumps(vars(self.config), sort_keys=True, default=str)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return (
+            model_store.user_store()
+            / "sid-stage1"
+            / teacher_digest(teacher.unet)
+            / f"{key}-seed{seed}.safetensors"
+        )
+
+    def stage1(
+        self, teacher, forget_set, ctx, extra_state: dict | None = None
+    ) -> tuple[nn.Module, nn.Module]:
+        """The stage-1 fake score and EMA generator network: from the model store's cache, or distilled here and
+        cached (rank 0 writes; every rank decides from the same file, so data-parallel ranks stay together)."""
+        net, shape = teacher.unet, teacher.image_shape
+        cfg = self.config
+        if (
+            cfg.distill != "all" or cfg.fake_forget_weight or cfg.generator_forget_weight
+        ):  # reads the forget set
+            return self.distill(net, net, net, forget_set, ctx, shape=shape, extra_state=extra_state)
+        path = self.stage1_path(teacher, ctx.seed)
+        if (found := load_cached(path, what="sid stage-1")) is not None:
+            tensors, record = found
+            ctx.reuse("sid stage 1", path, record.get("seconds", float("nan")))
+            return _unpack(tensors, "fake.", teacher.unet), _unpack(tensors, "generator.", teacher.unet)
+        t0 = ctx.elapsed()
+        fake, ema = self.distill(net, net, net, forget_set, ctx, shape=shape, extra_state=extra_state)
+        if ctx.world.is_main:
+            tensors = {**_pack(fake, "fake."), **_pack(ema, "generator.")}
+            write_cached(path, tensors, seconds=ctx.elapsed() - t0)
+        return fake, ema
+
+
+def _pack(net: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def _unpack(tensors: dict[str, torch.Tensor], prefix: str, like: nn.Module) -> nn.Module:
+    net = copy.deepcopy(like)
+    net.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return net.eval()

@@ -354,6 +354,8 @@ def test_contract(name, tmp_path, fmnist_dir, monkeypatch):
     if name != "original":
         config = resolve_config(METHODS.get(name), "smoke", {})
         steps = config.steps if name == "retrain" else config.iterations
+        if name == "sfd-2stage":  # stage 1 (sid at the same preset) first, then its own iterations
+            steps += resolve_config(METHODS.get("sid"), "smoke", {}).iterations
         assert [s for s, _, _ in seen] == list(range(1, steps + 1))
         assert all(a < b for (_, a, _), (_, b, _) in itertools.pairwise(seen))
         last = seen[-1][2]

@@ -7,10 +7,12 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from matplotlib import image as mpimg
 from safetensors.numpy import save_file
+from scipy import stats as scipy_stats
 
-from bench import store
+from bench import stats, store
 from bench.cli import main
 from bench.errors import BenchError
 from bench.registry import METHODS
@@ -97,9 +99,8 @@ def test_latex_has_booktabs_bold_best_and_escapes(hand):
     assert [m for m, cells in rows.items() if cells[acc_f].startswith(r"\textbf{")] == ["sfd"]
     assert [m for m, cells in rows.items() if cells[acc_r].startswith(r"\textbf{")] == ["finetune"]
     assert rows["sfd"][acc_f].startswith(r"\textbf{1.5\,")  # percent: mean of 1% and 2%
-    assert (
-        rows["finetune"][acc_r] == r"\textbf{94.5\,{\scriptsize$\pm$0.7}\,{\scriptsize($n$=2)}}"
-    )  # 2 of 3 runs
+    # 2 of 3 runs: 95% and 94%, mean 94.5, t-interval 94.5 -+ t(0.975, 1) * 0.707 / sqrt(2) = -+ 6.35
+    assert rows["finetune"][acc_r] == r"\textbf{94.5\,{\scriptsize[88.1, 100.9]}\,{\scriptsize($n$=2)}}"
     assert list(rows) == tables.method_order(rows)  # fixed order, and rules set off original and the oracle
     assert latex.count(r"\midrule") == 2 + (1 if ORACLE else 0)
 
@@ -115,16 +116,28 @@ def test_markdown_and_csv_agree_with_pandas(hand, tmp_path):
         assert csv.at[method, f"{key}_n"] == count[(method, key)]
         if count[(method, key)] > 1:
             assert csv.at[method, f"{key}_std"] == pytest.approx(std[(method, key)])
+            half = (
+                scipy_stats.t.ppf(0.975, count[(method, key)] - 1)
+                * std[(method, key)]
+                / count[(method, key)] ** 0.5
+            )
+            assert csv.at[method, f"{key}_ci_low"] == pytest.approx(value - half)
+            assert csv.at[method, f"{key}_ci_high"] == pytest.approx(value + half)
     assert list(csv.index) == tables.method_order(csv.index)
-    # Markdown: percentages with one decimal, mean ± std, the cell count when it differs from the row's
+    # Markdown: percentages with one decimal, mean [t-interval over seeds], the cell count when it differs from
+    # the row's
     line = next(row for row in md.splitlines() if row.startswith("| finetune |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     heads = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
     acc_f = heads.index("Acc. forget (%) ↓")
-    m, s = 100 * mean[("finetune", "accuracy[forget]")], 100 * std[("finetune", "accuracy[forget]")]
-    assert cells[1] == "3" and cells[acc_f] == f"{m:.1f} ± {s:.1f}"
-    m, s = 100 * mean[("finetune", "accuracy[retain]")], 100 * std[("finetune", "accuracy[retain]")]
-    assert cells[heads.index("Acc. retain (%) ↑")] == f"**{m:.1f} ± {s:.1f} (n=2)**"
+
+    def text(key):
+        m, s, n = mean[("finetune", key)], std[("finetune", key)], count[("finetune", key)]
+        half = scipy_stats.t.ppf(0.975, n - 1) * s / n**0.5
+        return f"{100 * m:.1f} [{100 * (m - half):.1f}, {100 * (m + half):.1f}]"
+
+    assert cells[1] == "3" and cells[acc_f] == text("accuracy[forget]")
+    assert cells[heads.index("Acc. retain (%) ↑")] == f"**{text('accuracy[retain]')} (n=2)**"
     assert "| original | 2 |" in md and "Unlearn (s) ↓" in md and "NFE ↓" in md
     assert (tmp_path / "out" / "table.md").read_text() == md
 
@@ -288,10 +301,182 @@ def test_report_on_a_smoke_sweep(smoke_report, capsys):
     csv = pd.read_csv(report / "table.csv").set_index("method")
     for row in df.itertuples():
         assert csv.at[row.method, f"{row.metric}[{row.subset}]_mean"] == pytest.approx(row.value)
-    acc = df[(df.metric == "accuracy") & (df.subset == "forget")].set_index("method")["value"]
-    assert f"| sfd | 1 | {'**' if acc['sfd'] <= acc['finetune'] else ''}{100 * acc['sfd']:.1f}" in md
+        if row.evaluator != "wallclock":  # and the run's own interval
+            assert csv.at[row.method, f"{row.metric}[{row.subset}]_ci_low"] == pytest.approx(row.ci_low)
+    acc = df[(df.metric == "accuracy") & (df.subset == "forget")].set_index("method")
+    tests = pd.read_csv(report / "pairwise.csv")
+    assert set(tests.method_a) | set(tests.method_b) == {"original", "sfd", "finetune"}
+    assert set(tests[tests.metric == "accuracy[forget]"].n_pairs) == {20}  # 20 forgotten-class images paired
+    assert set(tests.test) == {"mcnemar", "wilcoxon", "bootstrap"}
+    (pair,) = tests[(tests.metric == "accuracy[forget]") & (tests.method_a == "sfd")
+                    & (tests.method_b == "finetune")].itertuples()  # fmt: skip
+    bold = acc.at["sfd", "value"] <= acc.at["finetune", "value"] or not pair.significant
+    lo, hi = 100 * acc.at["sfd", "ci_low"], 100 * acc.at["sfd", "ci_high"]
+    cell = f"{100 * acc.at['sfd', 'value']:.1f} [{lo:.1f}, {hi:.1f}]"
+    assert f"| sfd | 1 | {'**' if bold else ''}{cell}{'**' if bold else ''} |" in md
     for name in ("tradeoff_fashion-mnist_smoke", "wallclock_fashion-mnist_smoke",
                  "samples_fashion-mnist_class-0_smoke_s0"):  # fmt: skip
         img = mpimg.imread(report / f"{name}.png")
         assert img.shape[0] >= 300 and img.shape[1] >= 800 and img[..., :3].std() > 0.02, name
         assert (report / f"{name}.pdf").stat().st_size > 1000
+
+
+# ---- intervals and paired tests on hand-made runs ----------------------------------------------------------
+
+
+def write_paired_run(root, method, forget_set, hits, fd=None, *, seed=0):
+    """A finished run whose rows carry their intervals (as the evaluators compute them) and whose outcomes file
+    holds the per-image hits of accuracy[forget] (and fd_judge replicates), checksummed in DONE."""
+    from bench import stats
+
+    hits = np.asarray(hits, dtype=bool)
+    k, n = int(hits.sum()), len(hits)
+    d = write_run(root, method, seed, {"accuracy[forget]": k / n, **({"fd_judge[retain]": fd[0]} if fd else {})},
+                  forget_set=forget_set)  # fmt: skip
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    outcomes = {"accuracy[forget]": (hits.astype(np.uint8), stats.MCNEMAR)}
+    rows[0] |= dict(zip(("ci_low", "ci_high"), stats.wilson_interval(k, n), strict=True), ci_method="wilson")
+    if fd:
+        rows[1] |= {"ci_low": fd[0] - 0.1, "ci_high": fd[0] + 0.1, "ci_method": "bootstrap-1000-shifted"}
+        outcomes["fd_judge[retain]"] = (fd[1], stats.BOOTSTRAP)
+    store.write_metrics(d / "metrics.jsonl", rows)
+    store.write_outcomes(d, {key: (torch.as_tensor(v), test) for key, (v, test) in outcomes.items()})
+    store.mark_done(d)
+    return d
+
+
+def first_hits(k, n=100):
+    return np.arange(n) < k  # image i hit for i < k: two such runs disagree only on the images between
+
+
+@pytest.fixture
+def paired_runs(tmp_path):
+    root = tmp_path / "sweep"
+    noise = np.random.default_rng(0).normal(0, 0.05, 1000)  # the replicates' shared resampling noise
+    # class-0: 20% against 25% on the same 100 images (5 discordant pairs, p = 2 / 2^5): not significant
+    write_paired_run(root, "sfd", "class-0", first_hits(20), fd=(1.25, 1.45 + noise))
+    write_paired_run(root, "finetune", "class-0", first_hits(25), fd=(2.5, 2.7 + noise * 1.1))
+    write_paired_run(root, "original", "class-0", first_hits(85))
+    # class-1: 20% against 80% (60 discordant pairs): significant
+    write_paired_run(root, "sfd", "class-1", first_hits(20))
+    write_paired_run(root, "finetune", "class-1", first_hits(80))
+    return root
+
+
+def md_cells(md: str, title: str) -> dict[str, list[str]]:
+    block = md.split(f"**{title}**", 1)[1].split("\n\n")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:]]
+    return {r[0]: r[1:] for r in rows}
+
+
+def test_report_shows_intervals_and_marks_what_is_not_significant(paired_runs, tmp_path):
+    out = tmp_path / "out"
+    report = make_report(paired_runs, out)
+    md = report.markdown
+    near = md_cells(md, "fashion-mnist, forget set class-0, preset default: unlearning and quality")
+    far = md_cells(md, "fashion-mnist, forget set class-1, preset default: unlearning and quality")
+    # one run per method: its own Wilson interval (scipy proportion_ci: 85/100 [76.7, 90.7], 20/100 [13.3, 28.9],
+    # 25/100 [17.5, 34.3], 80/100 [71.1, 86.7])
+    assert near["original"][1] == "85.0 [76.7, 90.7]"
+    # 5 points apart on 100 paired images: finetune is not told apart from the best (bold too) ...
+    assert near["sfd"][1] == "**20.0 [13.3, 28.9]**" and near["finetune"][1] == "**25.0 [17.5, 34.3]**"
+    # ... 60 points apart: it is (only the best is bold)
+    assert far["sfd"][1] == "**20.0 [13.3, 28.9]**" and far["finetune"][1] == "80.0 [71.1, 86.7]"
+    # fd_judge 1.25 against 2.5, the replicates' difference -1.25 -+ 0.01: significant
+    assert near["sfd"][2] == "**1.25 [1.15, 1.35]**" and near["finetune"][2] == "2.50 [2.40, 2.60]"
+    assert "exact McNemar for Acc. forget; paired bootstrap for fd_judge" in md
+    tests = pd.read_csv(out / "pairwise.csv")
+    assert out / "pairwise.csv" in report.paths
+    row = tests[(tests.forget_set == "class-0") & (tests.metric == "accuracy[forget]")
+                & (tests.method_a == "sfd") & (tests.method_b == "finetune")].iloc[0]  # fmt: skip
+    assert row.test == "mcnemar" and row.p_value == pytest.approx(2 / 32) and not row.significant
+    assert row.n_pairs == 100 and row.seeds == 1 and row.difference == pytest.approx(-0.05)
+    row = tests[(tests.forget_set == "class-1") & (tests.method_a == "sfd")].iloc[0]
+    assert row.p_value == pytest.approx(2 * 0.5**60) and row.significant and row.statistic == 0
+    row = tests[(tests.metric == "fd_judge[retain]")].iloc[0]
+    assert row.test == "bootstrap" and row.p_value == pytest.approx(2 / 1001) and row.difference == -1.25
+    # the original is compared too (in the CSV), though never bold
+    assert {"original"} <= set(tests.method_a) | set(tests.method_b)
+    # LaTeX: the same intervals, smaller, booktabs, bold where Markdown is, and the test named in the caption
+    latex = (out / "table_fashion-mnist_class-0_default_unlearning.tex").read_text()
+    rows = latex_rows(latex)
+    assert rows["finetune"][1] == r"\textbf{25.0\,{\scriptsize[17.5, 34.3]}}"
+    assert r"\toprule" in latex and "exact McNemar for Acc. forget" in latex and r"Fr\'echet" in latex
+    # the CSV keeps raw fractions and the intervals
+    csv = pd.read_csv(out / "table.csv").set_index(["forget_set", "method"])
+    assert csv.at[("class-0", "original"), "accuracy[forget]_ci_low"] == pytest.approx(0.7671644, abs=1e-7)
+
+
+def test_seeds_pool_their_pairs(tmp_path):
+    # each seed alone: 4 discordant pairs all one way, p = 2 / 2^4 = 0.125; both seeds pooled: 2 / 2^8
+    for seed in (0, 1):
+        write_paired_run(tmp_path, "sfd", "class-0", first_hits(20), seed=seed)
+        write_paired_run(tmp_path, "finetune", "class-0", first_hits(24), seed=seed)
+    df = load(tmp_path)
+    from bench.report import paired, run_dirs
+
+    tests = paired.pairwise(df, paired.load_outcomes(df["run_id"].unique(), run_dirs(tmp_path)))
+    (row,) = tests.itertuples()
+    assert row.seeds == 2 and row.n_pairs == 200 and row.p_value == pytest.approx(2 / 256)
+    md, _ = tables.write_tables(df, tmp_path / "out", run_dirs(tmp_path))
+    # two seeds: the t-interval over the seeds (both 20%: zero width), and a significant difference
+    assert "| sfd | 2 | **20.0 [20.0, 20.0]** |" in md and "| finetune | 2 | 24.0 [24.0, 24.0] |" in md
+
+
+def test_rows_without_intervals_still_load(tmp_path):
+    write_run(tmp_path, "sfd", 0, {"accuracy[forget]": 0.1})  # an old run: no ci columns, no outcomes
+    df = load(tmp_path)
+    assert df["ci_low"].isna().all() and df["ci_high"].isna().all() and df["ci_method"].isna().all()
+    md, paths = tables.write_tables(df, tmp_path / "out")
+    assert "| sfd | 1 | **10.0** |" in md and "best unlearning method in bold" in md
+    assert not any(p.name == "pairwise.csv" for p in paths)
+    d = next((tmp_path / "runs").iterdir())
+    store.mark_done(d)  # finished before outcomes existed: DONE records none, and there are none
+    assert "outcomes_sha256" not in json.loads((d / "DONE").read_text()) and store.read_outcomes(d) == {}
+    row = json.loads((d / "metrics.jsonl").read_text())
+    (d / "DONE").unlink()
+    store.write_metrics(d / "metrics.jsonl", [row | {"ci_low": "low", "ci_high": None}])
+    with pytest.raises(BenchError, match="line 1: ci_low 'low' is not a number"):
+        store.read_metrics(d / "metrics.jsonl")
+
+
+def test_a_damaged_outcomes_file_is_named(paired_runs, tmp_path, caplog):
+    d = next(
+        p for p in (paired_runs / "runs").iterdir() if p.name.startswith("finetune-") and "class-1" in p.name
+    )
+    path = d / store.OUTCOMES
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BenchError, match=rf"{re.escape(str(path))} does not match its checksum in .*DONE"):
+        store.read_outcomes(d)
+    with pytest.raises(BenchError, match="does not match its checksum"):
+        store.read_metrics(d / "metrics.jsonl")  # a finished run is checked whole: `bench run` stops on it
+    with caplog.at_level(logging.WARNING):
+        report = make_report(paired_runs, tmp_path / "out")
+    assert str(path) in caplog.text  # named, and that run left out
+    title = "fashion-mnist, forget set class-1, preset default: unlearning and quality"
+    assert list(md_cells(report.markdown, title)) == ["sfd"]
+    path.unlink()
+    with pytest.raises(BenchError, match=rf"{re.escape(str(path))} is missing"):
+        store.read_outcomes(d)
+    # a file the run did not record is refused, not trusted
+    other = next(
+        p for p in (paired_runs / "runs").iterdir() if p.name.startswith("sfd-") and "class-1" in p.name
+    )
+    (other / "DONE").write_text(json.dumps({k: v for k, v in json.loads((other / "DONE").read_text()).items()
+                                            if k != "outcomes_sha256"}))  # fmt: skip
+    with pytest.raises(BenchError, match="is not recorded in"):
+        store.read_outcomes(other)
+
+
+def test_tradeoff_figure_draws_the_intervals_as_error_bars(paired_runs):
+    fig = plots.tradeoff_figure(load(paired_runs), "fashion-mnist", "default")
+    ax = fig.axes[0]  # forget set class-0
+    bars = {c.get_label(): c for c in ax.containers}
+    _, _, (xbar, ybar) = bars["sfd"].lines
+    (x_segment,), (y_segment,) = xbar.get_segments(), ybar.get_segments()
+    lo, hi = (100 * b for b in stats.wilson_interval(20, 100))  # 20 of 100 images: Wilson, in percent
+    np.testing.assert_allclose(y_segment[:, 1], [lo, hi])
+    np.testing.assert_allclose(x_segment[:, 0], [1.15, 1.35])  # fd_judge's own interval
+    assert "95%" in fig.legends[0].get_title().get_text()

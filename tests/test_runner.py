@@ -15,10 +15,23 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_evaluation_resumes_without_unlearning_again(tmp_path, fmnist_dir, monkeypatch):
-    spec = RunSpec(method="sfd", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke")
+SFD_SMOKE = RunSpec(method="sfd", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke")
+
+
+@pytest.fixture(scope="module")
+def sfd_smoke(tmp_path_factory, fmnist_dir):
+    """One uninterrupted smoke run of SFD (a one-step generator: it samples its grid in a moment)."""
+    return execute(
+        SFD_SMOKE, tmp_path_factory.mktemp("straight"), Runtime(data_dir=fmnist_dir.parent, progress=False)
+    )
+
+
+def test_interrupted_evaluation_resumes_without_unlearning_again(
+    tmp_path, fmnist_dir, monkeypatch, sfd_smoke
+):
+    spec = SFD_SMOKE
     runtime = Runtime(data_dir=fmnist_dir.parent, progress=False)
-    straight = execute(spec, tmp_path / "a", runtime)
+    straight = sfd_smoke
 
     fid_cls = EVALUATORS.get("fid")
     real_call = fid_cls.__call__
@@ -94,3 +107,27 @@ def test_a_run_made_with_another_config_is_refused_not_reused(fmnist_dir, tmp_pa
             attempt()
     assert (d / "metrics.jsonl").read_bytes() == before  # nothing lost
     assert launch.plan([spec], tmp_path, force=True).todo == [spec]
+
+
+def test_a_smoke_run_writes_intervals_and_checked_outcomes(sfd_smoke):
+    d = sfd_smoke
+    rows = {(r["metric"], r["subset"]): r for r in store.read_metrics(d / "metrics.jsonl")}
+    outcomes = store.read_outcomes(d)
+    for key in (
+        "accuracy[forget]",
+        "accuracy[retain]",
+        "to_anchor[forget]",
+        "prob[forget]",
+        "entropy[forget]",
+    ):
+        r = rows[tuple(key[:-1].split("["))]
+        assert r["ci_low"] <= r["value"] <= r["ci_high"], key
+        values, test = outcomes[key]
+        assert len(values) == r["n"] and values.mean() == pytest.approx(r["value"]), key  # one per image
+        assert (test, r["ci_method"]) == (("mcnemar", "wilson") if "prob" not in key and "entropy" not in key
+                                          else ("wilcoxon", "bootstrap-1000")), key  # fmt: skip
+    fd = rows[("fd_judge", "retain")]
+    assert 0 <= fd["ci_low"] <= fd["ci_high"] and fd["ci_method"] == "bootstrap-1000-shifted"
+    assert outcomes["fd_judge[retain]"][0].shape == (1000,) and outcomes["fd_judge[retain]"][1] == "bootstrap"
+    assert rows[("unlearn_s", "all")]["ci_low"] is None and "unlearn_s[all]" not in outcomes  # measured once
+    assert json.loads((d / "DONE").read_text())["outcomes_sha256"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import store
 from bench.cli import _evaluators, main
 from bench.errors import BenchError
 from bench.models.store import check_external_teacher, load_external_teacher
@@ -225,6 +226,14 @@ def test_run_with_inception_clip_and_external_teacher(
         ("clip_score", "retain"),
     } <= set(got)
     assert got[("fid_inception", "retain")]["n"] == 4 and got[("clip_score", "forget")]["n"] == 2
+    # with their intervals: a bootstrap over the images (CLIP) and over the generated samples (FID)
+    fid, clip = got[("fid_inception", "retain")], got[("clip_score", "forget")]
+    assert 0 <= fid["ci_low"] <= fid["ci_high"] and fid["ci_method"] == "bootstrap-200-shifted"
+    assert clip["ci_low"] <= clip["value"] <= clip["ci_high"] and clip["ci_method"] == "bootstrap-1000"
+    outcomes = store.read_outcomes(run)
+    assert outcomes["fid_inception[retain]"][0].shape == (200,) and outcomes["clip_score[forget]"][
+        0
+    ].shape == (2,)
     spec = json.loads((run / "spec.json").read_text())
     assert spec["teacher_path"] == str(teacher) and spec["options"]["inception_weights"] == str(inception)
     assert spec["teacher"]["path"] == str(teacher)

@@ -84,14 +84,15 @@ def read_time_to_forget(path: Path) -> tuple[pd.DataFrame, dict | None] | None:
 
 def make_report(results: Path, out: Path | None = None, *, strict: bool = False) -> Report:
     """Load, tabulate and plot; `out` defaults to RESULTS/report."""
-    from bench.report import across, plots, tables
+    from bench.report import across, plots, robustness, tables
 
     results = Path(results)
     df = load(results, strict=strict)
     out = Path(out) if out is not None else results / "report"
-    markdown, paths = tables.write_tables(df, out)
+    markdown, paths = tables.write_tables(df, out, run_dirs(results), strict=strict)  # tests read the runs
     markdown, paths = across.extend(markdown, paths, df, out)  # across forget classes, when there are several
     paths += plots.write_figures(df, out, run_dirs(results))
+    markdown, paths = robustness.extend(markdown, paths, df, results, out)  # attacked runs (bench attack)
     # Issue 8's benchmark writes results/benchmarks/; a sweep folder is results/<sweep>, so look beside it too.
     for candidate in (results / TIME_TO_FORGET, results.parent / TIME_TO_FORGET):
         if candidate.is_file() and (found := read_time_to_forget(candidate)) is not None:

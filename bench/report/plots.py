@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from bench.errors import BenchError
-from bench.report.tables import ORIGINAL, is_oracle, method_order, metric_key, natural_key, safe
+from bench.report.tables import ORIGINAL, is_oracle, method_order, metric_key, natural_key, safe, summarize
+from bench.stats import t_interval
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,24 @@ def per_run(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return wide.reindex(columns=keys).dropna().reset_index()
 
 
+def intervals(df: pd.DataFrame, keys: list[str]) -> dict[tuple, tuple[float, float, float]]:
+    """(forget set, method, metric[subset]) -> (mean, ci_low, ci_high) as the tables show them: over several seeds
+    the Student-t interval, for one run its own (NaN bounds: none)."""
+    df = df[metric_key(df).isin(keys)]
+    if df.empty:
+        return {}
+    summary = summarize(df)
+    return {(r.forget_set, r.method, r.column): (r.mean, r.ci_low, r.ci_high) for r in summary.itertuples()}
+
+
+def error_bar(interval: tuple[float, float, float] | None, scale: float = 1.0):
+    """matplotlib's asymmetric (2, 1) error of a (mean, low, high), or None where there is no interval."""
+    if interval is None or any(pd.isna(v) for v in interval):
+        return None
+    mean, low, high = interval
+    return np.array([[max(mean - low, 0.0)], [max(high - mean, 0.0)]]) * scale
+
+
 def _log_if_wide(values: pd.Series) -> bool:
     v = values[values > 0]
     return len(v) == len(values) and len(v) > 1 and v.max() / v.min() > 30
@@ -82,6 +101,9 @@ def tradeoff_figure(df: pd.DataFrame, dataset: str, preset: str) -> Figure | Non
     )
     if runs.empty:
         return None
+    bars = intervals(
+        df[(df.dataset == dataset) & (df.preset == preset)], ["accuracy[forget]", "fd_judge[retain]"]
+    )
     forget_sets = sorted(runs["forget_set"].unique(), key=natural_key)
     ncols = min(3, len(forget_sets))
     nrows = -(-len(forget_sets) // ncols)
@@ -90,7 +112,8 @@ def tradeoff_figure(df: pd.DataFrame, dataset: str, preset: str) -> Figure | Non
     for ax, fs in zip(axes, forget_sets, strict=False):
         part = runs[runs.forget_set == fs]
         for method in method_order(part["method"]):
-            _tradeoff_points(ax, part[part.method == method], method)
+            cell = {k: bars.get((fs, method, k)) for k in ("fd_judge[retain]", "accuracy[forget]")}
+            _tradeoff_points(ax, part[part.method == method], method, cell)
         ax.set_title(f"forget set {fs}", fontsize=10)
         ax.set_xlabel("fd_judge on retained classes (lower is better)")
         ax.set_ylabel("forget accuracy, % (lower is better)")
@@ -108,13 +131,14 @@ def tradeoff_figure(df: pd.DataFrame, dataset: str, preset: str) -> Figure | Non
             if label not in labels:
                 handles.append(h)
                 labels.append(label)
-    fig.legend(handles, labels, loc="outside right center", fontsize=9, title="method\n(mean ± std\nover seeds)",
+    fig.legend(handles, labels, loc="outside right center", fontsize=9, title="method\n(mean and 95%\ninterval)",
                title_fontsize=8)  # fmt: skip
     fig.suptitle(f"Forgetting versus quality: {dataset}, preset {preset}", fontsize=11)
     return fig
 
 
-def _tradeoff_points(ax, rows: pd.DataFrame, method: str) -> None:
+def _tradeoff_points(ax, rows: pd.DataFrame, method: str, cell: dict) -> None:
+    """The method's mean with its 95% intervals as error bars (the tables' intervals), its seeds faint behind."""
     color, marker = method_style(method)
     x, y = rows["fd_judge[retain]"], rows["accuracy[forget]"] * 100
     oracle = is_oracle(method)
@@ -122,8 +146,8 @@ def _tradeoff_points(ax, rows: pd.DataFrame, method: str) -> None:
     size = 16 if oracle else 9
     if len(rows) > 1:  # the seeds themselves, faint, behind the mean
         ax.scatter(x, y, color=color, marker=marker, s=18, alpha=0.3, linewidths=0)
-    xerr = x.std() if len(rows) > 1 else None
-    yerr = y.std() if len(rows) > 1 else None
+    xerr = error_bar(cell.get("fd_judge[retain]"))
+    yerr = error_bar(cell.get("accuracy[forget]"), 100)
     ax.errorbar(x.mean(), y.mean(), xerr=xerr, yerr=yerr, color=color, marker=marker, markersize=size,
                 markeredgecolor="white" if not oracle else "#ffd700", capsize=3, linestyle="none", label=label,
                 zorder=4 if oracle else 3)  # fmt: skip
@@ -148,13 +172,17 @@ def wallclock_figure(df: pd.DataFrame, dataset: str, preset: str) -> Figure | No
         (-0.2, "unlearn_s[all]", "", "unlearning"),
         (0.2, "sample_s[all]", "//", "sampling"),
     ):
-        stats = runs.groupby("method")[col].agg(["mean", "std"]).reindex(methods)
+        means = runs.groupby("method")[col].mean().reindex(methods)
         colors = [method_style(m)[0] for m in methods]
-        values = stats["mean"].clip(lower=floor)
+        values = means.clip(lower=floor)
+        # The 95% t-interval over the runs (none for one run), its low end kept above the log axis' floor.
+        err = [error_bar(t_interval(runs.loc[runs.method == m, col])) for m in methods]
+        err = np.hstack([e if e is not None else np.zeros((2, 1)) for e in err])
+        err[0] = np.minimum(err[0], values.to_numpy() - floor)
         ax.barh(y + offset, values, height=0.38, color=colors, alpha=0.85 if not hatch else 0.45, hatch=hatch,
-                edgecolor="black", linewidth=0.5, xerr=stats["std"].fillna(0), capsize=2, label=what)  # fmt: skip
-        for yi, v, sd in zip(y + offset, stats["mean"], stats["std"].fillna(0), strict=True):
-            ax.text(max(v + sd, floor) * 1.2, yi, seconds_text(v), va="center", fontsize=7)
+                edgecolor="black", linewidth=0.5, xerr=err, capsize=2, label=what)  # fmt: skip
+        for yi, v, hi in zip(y + offset, means, err[1], strict=True):
+            ax.text(max(v + hi, floor) * 1.2, yi, seconds_text(v), va="center", fontsize=7)
     ax.set_xscale("log")
     ax.set_yticks(y, [f"{m} (oracle)" if is_oracle(m) else m for m in methods])
     ax.invert_yaxis()
@@ -166,7 +194,7 @@ def wallclock_figure(df: pd.DataFrame, dataset: str, preset: str) -> Figure | No
         patch.set_facecolor("#bbbbbb")
     n = runs.groupby("method").size()
     runs_text = f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
-    ax.set_title(f"Wall-clock per method ({dataset}, preset {preset}; mean ± std over {runs_text} runs;\n"
+    ax.set_title(f"Wall-clock per method ({dataset}, preset {preset}; mean and 95% t-interval over {runs_text} runs;\n"
                  "sampling = the whole evaluation grid)", fontsize=9)  # fmt: skip
     return fig
 

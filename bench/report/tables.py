@@ -1,15 +1,21 @@
-"""Result tables from tidy metric rows: mean +- std over seeds, written as CSV, Markdown and booktabs LaTeX."""
+"""Result tables from tidy metric rows, written as CSV, Markdown and booktabs LaTeX: each cell is the mean over seeds
+with its 95% interval in brackets (one seed: the run's own interval; several: Student-t over the seeds), and
+the best method of a column is bold with every method a paired test does not tell apart from it at 5%."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 
+from bench import stats
+from bench.report import paired
 from bench.store import atomic_write_text
 
 ORIGINAL = "original"  # the untouched teacher: the first row, the reference every method is read against
@@ -83,12 +89,22 @@ def natural_key(name: str) -> list:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, forget set, preset, method, metric[subset]): mean, std (ddof 1) and count."""
+    """One row per (dataset, forget set, preset, method, metric[subset]): mean, std (ddof 1), count, and the 95%
+    interval (ci_low, ci_high): the Student-t interval over the runs (seeds) when there are several, else the one
+    run's own (NaN where it has none)."""
     df = df.assign(column=metric_key(df), value=df["value"].astype(float))
+    for col in ("ci_low", "ci_high"):
+        df[col] = pd.to_numeric(df[col]) if col in df.columns else np.nan
     g = df.groupby([*GROUP, "method", "column"], sort=False)
-    stats = g["value"].agg(mean="mean", std="std", count="count")
+    out = g["value"].agg(mean="mean", std="std", count="count")
+    own = g[["ci_low", "ci_high"]].first()  # the first non-null: with one run, its own
+    several = out["count"] >= 2
+    t = scipy_stats.t.ppf((1 + stats.CONFIDENCE) / 2, (out["count"] - 1).clip(lower=1))
+    half = t * out["std"] / np.sqrt(out["count"])
+    out["ci_low"] = np.where(several, out["mean"] - half, own["ci_low"])
+    out["ci_high"] = np.where(several, out["mean"] + half, own["ci_high"])
     meta = g[["metric", "subset", "evaluator", "higher_is_better", "unit"]].first()
-    return stats.join(meta).reset_index()
+    return out.join(meta).reset_index()
 
 
 def column_order(summary: pd.DataFrame) -> list[str]:
@@ -103,13 +119,15 @@ def group_order(summary: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 def wide_csv(summary: pd.DataFrame) -> pd.DataFrame:
     """The CSV: one row per (dataset, forget set, preset, method), raw values (fractions, seconds)."""
-    wide = summary.set_index([*GROUP, "method", "column"])[["mean", "std", "count"]].unstack("column")
+    stat_cols = ["mean", "std", "count", "ci_low", "ci_high"]
+    wide = summary.set_index([*GROUP, "method", "column"])[stat_cols].unstack("column")
     out = pd.DataFrame(index=wide.index)
     for c in column_order(summary):
         out[f"{c}_mean"], out[f"{c}_std"] = wide[("mean", c)], wide[("std", c)]
         out[f"{c}_n"] = wide[("count", c)].astype(
             "Int64"
         )  # runs averaged; empty where a run lacks the metric
+        out[f"{c}_ci_low"], out[f"{c}_ci_high"] = wide[("ci_low", c)], wide[("ci_high", c)]
     rows = []
     for group in group_order(summary):
         present = [k[3] for k in out.index if k[:3] == group]
@@ -155,7 +173,8 @@ class Column:
 
 @dataclass
 class Table:
-    """One table: methods (rows, in order) x metric columns, with the cells' mean, std and count."""
+    """One table: methods (rows, in order) x metric columns, with the cells' mean, std, count and interval, and the
+    paired tests between its methods."""
 
     dataset: str
     forget_set: str
@@ -168,6 +187,10 @@ class Table:
     count: pd.DataFrame
     runs: pd.Series  # runs per method (the row's n)
     decimals: dict[str, int]  # per column
+    low: pd.DataFrame  # the 95% interval, raw values (NaN: none)
+    high: pd.DataFrame
+    # (metric[subset], method, method) -> its paired test (a row of paired.pairwise), both ways round
+    tests: dict[tuple[str, str, str], tuple] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -184,43 +207,61 @@ class Table:
             d = max(d, significant(v, 2))
         return round(v, d), d
 
-    def cell(self, method: str, col: Column, pm: str, partial: str = " (n={n})") -> str:
-        """`pm` formats the spread ("{mean} ± {std}" in Markdown, a smaller std in LaTeX), `partial` the count
-        of a cell that averages fewer runs than its row."""
+    def cell(self, method: str, col: Column, interval: str, partial: str = " (n={n})") -> str:
+        """`interval` formats the mean with its interval ("{mean} [{low}, {high}]" in Markdown, the interval smaller
+        in LaTeX), `partial` the count of a cell that averages fewer runs than its row."""
         r = self.rounded(method, col)
         if r is None:
             return "-"
         v, d = r
-        s = self.std.at[method, col.key]
-        text = (
-            fmt(v, d)
-            if pd.isna(s)
-            else pm.format(mean=fmt(v, d), std=fmt(float(s) * (100 if col.percent else 1), d))
-        )
+        scale = 100 if col.percent else 1
+        low, high = (float(b.at[method, col.key]) * scale for b in (self.low, self.high))
+        text = fmt(v, d)
+        if not (math.isnan(low) or math.isnan(high)):
+            text = interval.format(mean=text, low=fmt(low, d), high=fmt(high, d))
         count = int(self.count.at[method, col.key])
         if count != int(self.runs[method]):  # a partial sweep: say how many runs this cell averages
             text += partial.format(n=count)
         return text
 
+    def test(self, key: str, a: str, b: str):
+        return self.tests.get((key, a, b))
+
     def best(self) -> pd.DataFrame:
         """Bold mask: the best rounded mean per column among the unlearning methods (the `original` and oracle
-        rows are references, not competitors, as in the papers' tables), all rows if there are no others."""
+        rows are references, not competitors, as in the papers' tables; all rows if there are no others), and every
+        one of them that the column's paired test does not tell apart from a best one (p >= 5%)."""
         rivals = [m for m in self.methods if m != ORIGINAL and not is_oracle(m)] or self.methods
         mask = pd.DataFrame(False, index=self.methods, columns=[c.key for c in self.columns])
         for col in self.columns:
             vals = {m: r[0] for m in rivals if (r := self.rounded(m, col)) is not None}
             if vals:
                 target = (max if col.higher_is_better else min)(vals.values())
-                for m, v in vals.items():
-                    mask.at[m, col.key] = v == target
+                top = [m for m, v in vals.items() if v == target]
+                for m in vals:
+                    tied = [
+                        t for b in top if (t := self.test(col.key, m, b)) is not None and not t.significant
+                    ]
+                    mask.at[m, col.key] = m in top or bool(tied)
         return mask
+
+    def tested(self) -> dict[str, list[Column]]:
+        """The paired test of each column that has one: test name -> its columns."""
+        found: dict[str, list[Column]] = {}
+        for col in self.columns:
+            names = {t.test for (k, _, _), t in self.tests.items() if k == col.key}
+            for name in sorted(names):
+                found.setdefault(name, []).append(col)
+        return found
 
 
 def safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", str(name)).strip("-")
 
 
-def build_tables(summary: pd.DataFrame) -> list[Table]:
+def build_tables(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> list[Table]:
+    """One Table per group and kind; `tests` (paired.pairwise) marks which differences are not significant."""
+    found = paired.lookup(tests) if tests is not None else {}
     cols = column_order(summary)
     tables = []
     for group in group_order(summary):
@@ -236,14 +277,16 @@ def build_tables(summary: pd.DataFrame) -> list[Table]:
             meta = sub.drop_duplicates("column").set_index("column")
             columns = [make_column(k, meta.loc[k]) for k in keys]
             piv = {s: sub.pivot(index="method", columns="column", values=s).reindex(index=methods, columns=keys)
-                   for s in ("mean", "std", "count")}  # fmt: skip
+                   for s in ("mean", "std", "count", "ci_low", "ci_high")}  # fmt: skip
             piv["count"] = piv["count"].fillna(0)
             places = {
                 c.key: column_decimals(piv["mean"][c.key] * (100 if c.percent else 1), c.percent)
                 for c in columns
             }
+            mine = {(k[3], k[4], k[5]): v for k, v in found.items() if k[:3] == tuple(group)}
             tables.append(Table(*group, kind=kind, methods=methods, columns=columns, runs=runs.reindex(methods),
-                                mean=piv["mean"], std=piv["std"], count=piv["count"], decimals=places))  # fmt: skip
+                                mean=piv["mean"], std=piv["std"], count=piv["count"], decimals=places,
+                                low=piv["ci_low"], high=piv["ci_high"], tests=mine))  # fmt: skip
     return tables
 
 
@@ -261,6 +304,27 @@ def caption_text(t: Table) -> str:
     return f"{t.dataset}, forget set {t.forget_set}, preset {t.preset}: {KINDS[t.kind]}"
 
 
+INTERVAL_NOTE = (
+    "mean [95% interval] over n seeds: with one seed the run's own (rates: Wilson; means over images: percentile "
+    "bootstrap over the images; Fréchet distances: bootstrap over the generated samples, bias-shifted), with "
+    "several Student-t over the seeds"
+)
+TEST_NAMES = {stats.MCNEMAR: "exact McNemar", stats.WILCOXON: "Wilcoxon signed-rank",
+              stats.BOOTSTRAP: "paired bootstrap"}  # fmt: skip
+
+
+def bold_note(t: Table) -> str:
+    """What bold means in this table: the tests it used, by column."""
+    tested = t.tested()
+    if not tested:
+        return "best unlearning method in bold"
+    parts = "; ".join(f"{TEST_NAMES.get(name, name)} for {', '.join(c.label for c in cols)}"
+                      for name, cols in tested.items())  # fmt: skip
+    rest = "" if sum(map(len, tested.values())) == len(t.columns) else "; other columns: the best only"
+    return (f"bold: the best unlearning method and those not significantly different from it at 5% (paired over the "
+            f"same images, seeds pooled, uncorrected: {parts}{rest})")  # fmt: skip
+
+
 def to_markdown(t: Table) -> str:
     heads = ["method", "n"] + [
         f"{c.label}{f' ({c.unit})' if c.unit else ''} {'↑' if c.higher_is_better else '↓'}" for c in t.columns
@@ -270,10 +334,10 @@ def to_markdown(t: Table) -> str:
     for m in t.methods:
         cells = [m + (" (oracle)" if is_oracle(m) else ""), str(int(t.runs[m]))]
         for c in t.columns:
-            text = t.cell(m, c, "{mean} ± {std}")
+            text = t.cell(m, c, "{mean} [{low}, {high}]")
             cells.append(f"**{text}**" if bold.at[m, c.key] else text)
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
-    note = "mean ± std over n seeds; ↓/↑ lower/higher is better; best unlearning method in bold"
+    note = f"{INTERVAL_NOTE}; ↓/↑ lower/higher is better; {bold_note(t)}"
     return f"**{caption_text(t)}**\n\n" + "\n".join(lines) + f"\n\n_{note}_\n"
 
 
@@ -283,13 +347,17 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}  # fmt: skip
 
 
-PM_LATEX = (
-    r"{mean}\,{{\scriptsize$\pm${std}}}"  # a smaller spread keeps the eye on the mean, the table narrow
-)
+INTERVAL_LATEX = r"{mean}\,{{\scriptsize[{low}, {high}]}}"  # a smaller interval keeps the eye on the mean
 
 
 def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def latex_text(text: str) -> str:
+    """A note in LaTeX: escaped, its accents and arrows as commands."""
+    text = latex_escape(text).replace("é", r"\'e").replace("↓", r"$\downarrow$").replace("↑", r"$\uparrow$")
+    return text.replace(" n seeds", " $n$ seeds")
 
 
 def to_latex(t: Table) -> str:
@@ -309,7 +377,7 @@ def to_latex(t: Table) -> str:
     rules = _group_rules([c.group for c in t.columns]) if heads.nlevels == 3 else ""
     rows = [
         [latex_escape(m), str(int(t.runs[m]))]
-        + [t.cell(m, c, PM_LATEX, r"\,{{\scriptsize($n$={n})}}") for c in t.columns]
+        + [t.cell(m, c, INTERVAL_LATEX, r"\,{{\scriptsize($n$={n})}}") for c in t.columns]
         for m in t.methods
     ]
     frame = pd.DataFrame(rows, columns=heads)
@@ -317,8 +385,8 @@ def to_latex(t: Table) -> str:
     css = [["", ""] + ["textbf: --rwrap;" if b else "" for b in row] for row in bold]
     styler = frame.style.hide(axis="index").apply(lambda _: pd.DataFrame(css, columns=heads), axis=None)
     caption = (
-        latex_escape(caption_text(t)) + r". Mean $\pm$ std over $n$ seeds; $\downarrow$/$\uparrow$: lower/higher"
-        r" is better; best unlearning method in bold."
+        latex_escape(caption_text(t)) + ". " + latex_text(INTERVAL_NOTE[0].upper() + INTERVAL_NOTE[1:]) + r"; $\downarrow$/$\uparrow$: "
+        r"lower/higher is better; " + latex_text(bold_note(t)) + "."
         + (r" fd\_judge: Fr\'echet distance in the judge's feature space (not Inception FID)." if t.kind == "unlearning" else "")
         + "".join(f" {latex_escape(m)}: oracle (never saw the forgotten data)." for m in t.methods if is_oracle(m))
     )  # fmt: skip
@@ -361,16 +429,23 @@ def _separate_reference_rows(latex: str, methods: list[str]) -> str:
 # ---- writing ------------------------------------------------------------------------------------------
 
 
-def write_tables(df: pd.DataFrame, out: Path) -> tuple[str, list[Path]]:
-    """Write table.csv, table.md and one .tex per table; return the Markdown and the paths."""
+def write_tables(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path] | None = None, *,
+                 strict: bool = False) -> tuple[str, list[Path]]:  # fmt: skip
+    """Write table.csv, table.md, one .tex per table and, where the runs (in `run_dirs`) kept per-image outcomes,
+    pairwise.csv with every paired test; return the Markdown and the paths."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(df)
-    tables = build_tables(summary)
+    outcomes = paired.load_outcomes(df["run_id"].unique(), run_dirs or {}, strict=strict)
+    tests = paired.pairwise(df, outcomes)
+    tables = build_tables(summary, tests)
     paths = [out / "table.csv", out / "table.md"]
-    wide_csv(summary).to_csv(paths[0], index=False)
+    atomic_write_text(paths[0], wide_csv(summary).to_csv(index=False))
     markdown = "\n".join(to_markdown(t) for t in tables)
     atomic_write_text(paths[1], markdown)
     for t in tables:
         paths.append(out / f"table_{t.name}.tex")
         atomic_write_text(paths[-1], to_latex(t))
+    if not tests.empty:
+        paths.append(out / "pairwise.csv")
+        atomic_write_text(paths[-1], tests.to_csv(index=False))
     return markdown, paths
