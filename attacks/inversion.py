@@ -114,8 +114,8 @@ class Inversion(Attack):
             opt.load_state_dict(state["opt"])
             g.set_state(state["rng"])
             step = state["step"]
-        # One embedding per forgotten class would need one new row each; this attack learns one per class in
-        # turn only when the forget set holds one class, and the concatenated images otherwise (the shared concept).
+        # With several forgotten classes, one embedding is fitted to all their images (the shared concept), and
+        # a sample counts as recovered when the judge labels it as any of them.
         xs = x[idx.flatten()]
         bar = ctx.run.progress(cfg.steps, unit, initial=step)
         net.train()
@@ -142,7 +142,6 @@ class Inversion(Attack):
         bar.close()
         labels, seeds = ctx.probe_grid(cfg.per_class)
         images = ctx.sample(attacked, torch.full_like(labels, index), seeds)
-        # Recognised as a forgotten class: with several, as the class whose images the embedding was fitted to.
         pred = ctx.judged(images)
         hits = torch.isin(pred, torch.tensor(ctx.forget))
         found = Finding(RECOVERED, float(hits.float().mean()), len(hits),

@@ -52,13 +52,14 @@ def requested(names: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def evaluator_names(names: Sequence[str] | None, defaults: list[str]) -> list[str]:
-    """The run's evaluators: the defaults unless named; '+NAME' adds to the defaults; attacks are left out."""
+    """The run's evaluators: the defaults unless named; '+NAME' adds to the defaults; attacks are left out (a run
+    always has its own evaluation: naming attacks alone keeps the defaults)."""
     if not names:
         return list(defaults)
     attacks = {SUITE, *_attack_names()}
     plus = any(n.startswith("+") for n in names)
     rest = [n.lstrip("+") for n in names if n.lstrip("+") not in attacks]
-    return list(dict.fromkeys([*defaults, *rest])) if plus else rest
+    return list(dict.fromkeys([*defaults, *rest])) if plus or not rest else rest
 
 
 def with_controls(methods: list[str] | None, attacks: Sequence[str]) -> list[str] | None:
@@ -238,7 +239,7 @@ def attack_sweep(results: Path, names: Sequence[str], runtime, *, run_ids: Seque
         out[rid] = attack_run(root / rid, names, runtime, force=force)
     missing = _missing_controls(results, ids)
     if missing:
-        log.warning("robustness: %s; their attacks are read against these controls", missing)
+        log.warning("robustness: %s: the attacks on the other methods are read against it", missing)
     return out
 
 
@@ -250,7 +251,7 @@ def _missing_controls(results: Path, ids: Sequence[str]) -> str:
         except (OSError, ValueError, KeyError):
             continue
     lacking = [m for m in CONTROLS if m not in methods]
-    return f"the sweep has no {' or '.join(lacking)} run (add them to --methods)" if lacking else ""
+    return f"the sweep has no {' or '.join(lacking)} run (add it to --methods)" if lacking else ""
 
 
 def format_status(status: dict[str, dict[str, str]]) -> str:

@@ -304,6 +304,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     if (model_dir / "unlearn.json").is_file():  # unlearning finished before an interruption
         with phases("load"):
             model, unlearn_s = model_store.load_run_model(model_dir)  # checked against its checksums
+            reused = model_store.run_model_reused(model_dir)
     else:
         ctx = RunContext(run_dir=d, seed=spec.seed, preset=preset, dataset=dataset, forget_set=forget_set,
                          requires=method_cls.requires, runtime=runtime,
@@ -315,11 +316,13 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         phases.seconds["unlearn_compute"] -= ctx.service_s + ctx.probe_s
         phases.seconds["unlearn_service"] += ctx.service_s
         phases.seconds["probe"] += ctx.probe_s
-        unlearn_s = ctx.elapsed()
+        unlearn_s, reused = ctx.elapsed(), ctx.reused
         with phases("write"):
             tmp = d / "model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model_store.save_run_model(model, tmp, unlearn_s=unlearn_s)  # unlearn.json records the checksums
+            model_store.save_run_model(
+                model, tmp, unlearn_s=unlearn_s, reused=reused
+            )  # unlearn.json records the checksums
             shutil.rmtree(model_dir, ignore_errors=True)
             tmp.rename(model_dir)
             shutil.rmtree(d / "state", ignore_errors=True)
@@ -360,6 +363,9 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     )
     rows, outcomes = [], {}
     sampled = sampling_fields(model, preset)
+    # What the method loaded from a cache instead of computing (a stored oracle, sfd-2stage's stage 1), and the
+    # seconds it took when it was computed: unlearn_s is this run's own time.
+    sampled |= {"reused": reused["what"] if reused else "", "reused_s": reused["seconds"] if reused else None}
     for ev in evaluators:
         with phases("evaluate"):
             measured = [Measurement.of(item) for item in ev(samples, ectx)]

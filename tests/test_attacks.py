@@ -70,11 +70,15 @@ def test_every_attack_gives_identical_rows_on_a_rerun(tmp_path, fmnist_dir, name
     assert {f.metric for f in first} <= set(ATTACKS.get(name).metrics)
 
 
-@pytest.mark.parametrize("name", ["kshot", "inversion"])
+# Killed after this many state dumps: mid-way through each attack's units (and probes).
+KILL_AFTER = {"kshot": 3, "benign": 2, "inversion": 1, "concealment": 2, "conditions": 3}
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_a_killed_attack_resumes_to_the_same_rows(tmp_path, fmnist_dir, name):
     straight, _ = _run(tmp_path / "a", fmnist_dir, name, tiny_teacher(seed=3))
     ctx = _context(tmp_path / "b", fmnist_dir, name)
-    kill_after_saves(ctx.run, 2)
+    kill_after_saves(ctx.run, KILL_AFTER[name])
     with pytest.raises(Killed):
         _attack(name).run(tiny_teacher(seed=3), ctx, Resume(ctx.run))
     assert ctx.run.state_path.is_file()
@@ -149,16 +153,29 @@ def test_steps_to_relearn_is_written_only_when_reached(tmp_path, fmnist_dir):
     assert reached["relearned"].params["threshold"] == pytest.approx(0.4)
 
 
-def test_inversion_adds_one_trainable_embedding_and_leaves_the_rest(tmp_path):
+def _official_unet():
+    from bench.models.unet import build_unet
+    from bench.presets import TeacherRecipe
+
+    recipe = TeacherRecipe(block_out_channels=(32, 32), layers_per_block=1, attention=(False, False),
+                           norm_num_groups=32, steps=0, batch_size=1, lr=1e-3, warmup_steps=0, ema_decay=0.9,
+                           backbone="official-ddpm")  # fmt: skip
+    torch.manual_seed(3)
+    return build_unet(recipe, image_size=8, channels=1, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("backbone", ["diffusers-unet2d", "official-ddpm"])
+def test_inversion_adds_one_trainable_embedding_and_leaves_the_rest(backbone):
     from attacks.inversion import with_new_class
 
-    unet = tiny_teacher(seed=3).unet
+    unet = tiny_teacher(seed=3).unet if backbone == "diffusers-unet2d" else _official_unet()
     net, new, index = with_new_class(unet)
     assert index == 11 and [p for p in net.parameters() if p.requires_grad] == [new]
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
     same = net(x, t, class_labels=torch.tensor([0, 10])).sample
     assert torch.allclose(same, unet(x, t, class_labels=torch.tensor([0, 10])).sample)
     null = net(x, t, class_labels=torch.tensor([10, 10])).sample
-    assert torch.allclose(
-        net(x, t, class_labels=torch.tensor([11, 11])).sample, null
-    )  # starts at the null row
+    new_class = net(x, t, class_labels=torch.tensor([11, 11])).sample
+    assert torch.allclose(new_class, null)  # it starts at the null row
+    new_class.pow(2).mean().backward()
+    assert new.grad is not None and new.grad.abs().sum() > 0

@@ -111,6 +111,7 @@ def test_plus_robustness_adds_the_attacks_and_keeps_the_run_ids():
     assert attack.evaluator_names(None, defaults) == defaults
     assert attack.evaluator_names(["+robustness"], defaults) == defaults
     assert attack.evaluator_names(["fid", "robustness"], defaults) == ["fid"]
+    assert attack.evaluator_names(["robustness"], defaults) == defaults  # a run keeps its own evaluation
     assert attack.evaluator_names(["+clip_score", "+kshot"], defaults) == [*defaults, "clip_score"]
     assert attack.requested(["+robustness"]) == tuple(ATTACKS.names())
     assert attack.requested(["fid", "kshot"]) == ("kshot",)

@@ -131,3 +131,25 @@ def test_a_smoke_run_writes_intervals_and_checked_outcomes(sfd_smoke):
     assert outcomes["fd_judge[retain]"][0].shape == (1000,) and outcomes["fd_judge[retain]"][1] == "bootstrap"
     assert rows[("unlearn_s", "all")]["ci_low"] is None and "unlearn_s[all]" not in outcomes  # measured once
     assert json.loads((d / "DONE").read_text())["outcomes_sha256"]
+
+
+@pytest.mark.slow  # three smoke runs with the shipped teacher's network
+def test_a_stored_oracle_is_loaded_and_the_rows_say_so(tmp_path, fmnist_dir, monkeypatch):
+    """retrain keeps its oracle; the next run with the same key loads it, and its rows (and its model record, so a
+    resumed evaluation too) say what was reused and how long it took to compute."""
+    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "store"))
+    spec = RunSpec(method="retrain", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke",
+                   evaluators=("forget_accuracy", "wallclock"))  # fmt: skip
+    runtime = Runtime(data_dir=fmnist_dir.parent, progress=False)
+    first = store.read_metrics(execute(spec, tmp_path / "a", runtime) / "metrics.jsonl")
+    assert {r["reused"] for r in first} == {""}
+    d = execute(spec, tmp_path / "b", runtime)
+    again = store.read_metrics(d / "metrics.jsonl")
+    assert {r["reused"] for r in again} == {"oracle"} and all(r["reused_s"] > 0 for r in again)
+    assert [r["value"] for r in again if r["metric"] == "accuracy"] == [
+        r["value"] for r in first if r["metric"] == "accuracy"
+    ]
+    (d / "metrics.jsonl").unlink()  # evaluated again from the saved model: the record still says so
+    assert {
+        r["reused"] for r in store.read_metrics(execute(spec, tmp_path / "b", runtime) / "metrics.jsonl")
+    } == {"oracle"}

@@ -164,10 +164,11 @@ def load_judge(directory: Path) -> JudgeCNN:
 RUN_RECORD = "unlearn.json"
 
 
-def save_run_model(model: Sampler, directory: Path, *, unlearn_s: float) -> None:
-    """Save a run's unlearned model and its record: the unlearning time and every saved file's sha256."""
+def save_run_model(model: Sampler, directory: Path, *, unlearn_s: float, reused: dict | None = None) -> None:
+    """Save a run's unlearned model and its record: the unlearning time, what the method took from a cache
+    (RunContext.reuse) and every saved file's sha256."""
     model.save(directory)
-    record = {"unlearn_s": unlearn_s, "files": digests(directory, exclude=[RUN_RECORD])}
+    record = {"unlearn_s": unlearn_s, "reused": reused, "files": digests(directory, exclude=[RUN_RECORD])}
     (directory / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -182,6 +183,15 @@ def load_run_model(directory: Path) -> tuple[Sampler, float]:
         raise BenchError(f"cannot read the run model's record {record_path} ({e!r}): {remedy}") from e
     check_digests(directory, record.get("files"), record=record_path, remedy=remedy, allow=(RUN_RECORD,))
     return load_sampler(directory), unlearn_s
+
+
+def run_model_reused(directory: Path) -> dict | None:
+    """What a run's method took from a cache, from its model record (None: nothing, or an older record)."""
+    try:
+        reused = json.loads((directory / RUN_RECORD).read_text()).get("reused")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return reused if isinstance(reused, dict) else None
 
 
 def load_teacher(directory: Path) -> DiffusionModel:
