@@ -17,12 +17,14 @@ from torch import nn
 
 from bench.api import Metric, Scaled
 from bench.context import RunContext
+from bench.errors import BenchError
 from bench.models.judge import judge_probs
 from bench.presets import Preset
 from bench.sampling import Sampler
 
 ONE_STEP = "one-step"
 PROBE_SEED = 7_000_003  # probe grids use seeds of their own, not the evaluation grid's
+EXEMPLAR = 0.9  # the judge's probability of its class an attacker's chosen image has (AttackContext.choose)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,28 @@ class AttackContext:
         """Whether the judge recognises each image as the class it stands for (bool per image)."""
         return self.judged(images) == labels
 
+    def choose(self, x: torch.Tensor, y: torch.Tensor, k: int, name: str, *, exemplars: bool) -> torch.Tensor:
+        """(forgotten classes, k) indices: the first k of one seeded permutation of each class's images, the same
+        for every method of a seed (so the k = 1 image is among the k = 5). `exemplars`: among the images the
+        judge gives their class with probability EXEMPLAR or more, as an attacker picks clear examples: relearning
+        an image the judge finds ambiguous (a dark T-shirt it calls a shirt half the time) lowers forget accuracy
+        for the judge's reasons, not the model's."""
+        g = self.seeded(name)
+        if exemplars:
+            usable = (
+                judge_probs(self.judge, x, device=self.device).gather(1, y[:, None]).squeeze(1) >= EXEMPLAR
+            )
+        else:
+            usable = torch.ones(len(y), dtype=torch.bool)
+        picks = []
+        for c in self.forget:
+            idx = ((y == c) & usable).nonzero().flatten()
+            if len(idx) < k:
+                raise BenchError(f"the attack needs {k} images of class {c}{' the judge is sure of' * exemplars} "
+                                 f"and the data has {len(idx)}")  # fmt: skip
+            picks.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+        return torch.stack(picks)
+
     def teacher_figure(self, key: str, compute) -> Any:
         """A reference figure of the untouched teacher, computed once per run and shared by the attacks."""
         if key not in self._cache:
@@ -128,6 +152,11 @@ class Resume:
         self.state.pop("current", None)
         self.run.save_state(self.state)
         return rows
+
+
+def rate(hits: torch.Tensor) -> float:
+    """The exact fraction k / n of a boolean tensor (not a float32 mean)."""
+    return int(hits.sum()) / len(hits)
 
 
 def as_record(f: Finding) -> dict:

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from attacks.base import ONE_STEP, Attack, AttackContext, Finding, Resume, as_record, from_record
-from attacks.kshot import choose
+from attacks.base import ONE_STEP, Attack, AttackContext, Finding, Resume, as_record, from_record, rate
 from bench.api import POSITIVE, Metric, Scaled, param
 from bench.models.unet import noise_schedule
 from bench.registry import ATTACKS
@@ -82,11 +81,10 @@ class Concealment(Attack):
     def run(self, model, ctx: AttackContext, resume: Resume) -> list[Finding]:
         cfg, p = self.config, ctx.preset
         x, y = ctx.data("forget", split="test")
-        idx = choose(x, y, ctx.forget, cfg.per_class, ctx.seeded("concealment/images")).flatten()
+        # Every test image, recognised or not: the t/T = 0 row is the judge's accuracy on them, the ceiling.
+        idx = ctx.choose(x, y, cfg.per_class, "concealment/images", exemplars=False).flatten()
         x, y = x[idx], y[idx]
-        findings = [
-            Finding(RECOGNISED, float(ctx.hits(x, y).float().mean()), len(y), {"t_frac": 0.0, "t": 0})
-        ]
+        findings = [Finding(RECOGNISED, rate(ctx.hits(x, y)), len(y), {"t_frac": 0.0, "t": 0})]
         for fraction in cfg.fractions:
             unit = f"concealment-{fraction:g}"
             if (rows := resume.finished(unit)) is None:
@@ -99,9 +97,7 @@ class Concealment(Attack):
                     out.append(images)
                     parts.append(start)
                 hits = ctx.hits(torch.cat(out), y)
-                found = Finding(
-                    RECOGNISED, float(hits.float().mean()), len(y), {"t_frac": fraction, "t": parts[0]}
-                )
+                found = Finding(RECOGNISED, rate(hits), len(y), {"t_frac": fraction, "t": parts[0]})
                 rows = resume.finish(unit, [as_record(found)])
             findings += [from_record(r) for r in rows]
         return findings

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.base import ONE_STEP, Attack, AttackContext, Finding, Resume, as_record, from_record
+from attacks.base import ONE_STEP, Attack, AttackContext, Finding, Resume, as_record, from_record, rate
 from bench.api import POSITIVE, Metric, Scaled, param
 from bench.registry import ATTACKS
 
@@ -57,7 +57,7 @@ class Conditions(Attack):
         labels = torch.full((n,), model.num_classes)
         _, seeds = ctx.probe_grid(n, classes=(model.num_classes,))
         pred = ctx.judged(ctx.sample(model, labels, seeds, guidance=1.0))
-        return float(torch.isin(pred, torch.tensor(ctx.forget)).float().mean()), n
+        return rate(torch.isin(pred, torch.tensor(ctx.forget))), n
 
     def run(self, model, ctx: AttackContext, resume: Resume) -> list[Finding]:
         cfg = self.config
@@ -70,12 +70,12 @@ class Conditions(Attack):
                 continue
             if (rows := resume.finished(unit)) is None:
                 hits = ctx.hits(ctx.sample(model, labels, seeds, guidance=w), labels)
-                rows = resume.finish(unit, [as_record(Finding(ACCURACY, float(hits.float().mean()), len(hits),
+                rows = resume.finish(unit, [as_record(Finding(ACCURACY, rate(hits), len(hits),
                                                               {"w": w}))])  # fmt: skip
             findings += [from_record(r) for r in rows]
         if (rows := resume.finished("null")) is None:
-            rate, n = self._null_rate(model, ctx)
+            share, n = self._null_rate(model, ctx)
             ref, _ = ctx.teacher_figure("null_rate", lambda: self._null_rate(ctx.teacher, ctx))
-            rows = resume.finish("null", [as_record(Finding(NULL_AS_FORGET, rate, n, {"w": 1.0})),
+            rows = resume.finish("null", [as_record(Finding(NULL_AS_FORGET, share, n, {"w": 1.0})),
                                           as_record(Finding(TEACHER_NULL_AS_FORGET, ref, n, {"w": 1.0}))])  # fmt: skip
         return findings + [from_record(r) for r in rows]

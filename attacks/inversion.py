@@ -16,8 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import ONE_STEP, Attack, AttackContext, Finding, Resume, as_record, from_record, same_kind
-from attacks.kshot import choose
+from attacks.base import (
+    ONE_STEP,
+    Attack,
+    AttackContext,
+    Finding,
+    Resume,
+    as_record,
+    from_record,
+    rate,
+    same_kind,
+)
 from bench.api import POSITIVE, Metric, Scaled, param
 from bench.models.ddpm_official import OfficialConditionalUNet
 from bench.registry import ATTACKS
@@ -102,7 +111,7 @@ class Inversion(Attack):
         if (rows := resume.finished(unit)) is not None:
             return [from_record(r) for r in rows]
         x, y = ctx.data("forget")
-        idx = choose(x, y, ctx.forget, cfg.images, ctx.seeded("inversion/images"))
+        idx = ctx.choose(x, y, cfg.images, "inversion/images", exemplars=True)
         net, new, index = with_new_class(model.unet)
         net.to(ctx.device)
         attacked = same_kind(model, net)
@@ -144,6 +153,6 @@ class Inversion(Attack):
         images = ctx.sample(attacked, torch.full_like(labels, index), seeds)
         pred = ctx.judged(images)
         hits = torch.isin(pred, torch.tensor(ctx.forget))
-        found = Finding(RECOVERED, float(hits.float().mean()), len(hits),
+        found = Finding(RECOVERED, rate(hits), len(hits),
                         {"images": cfg.images, "steps": cfg.steps, "lr": cfg.lr})  # fmt: skip
         return [from_record(r) for r in resume.finish(unit, [as_record(found)])]

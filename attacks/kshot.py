@@ -1,18 +1,17 @@
 """k-shot relearning: fine-tune the unlearned network on k real images of the forgotten class and watch the class
 come back (or not), against steps, beside the same attack on `original` (the ceiling) and `retrain` (the oracle
 that never saw the class: a perfectly erased model relearns from k images too, so the gap to it is what counts).
+The k images are clear examples (AttackContext.choose): relearning one the judge finds ambiguous would lower forget
+accuracy on the untouched teacher itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from attacks.base import Attack, AttackContext, Finding, Resume, as_record, from_record
 from attacks.finetune import log_auc, log_probes, relearning_curve, steps_to_reach, teacher_probe_accuracy
 from bench.api import POSITIVE, Metric, Scaled, param
-from bench.errors import BenchError
 from bench.registry import ATTACKS
 
 SRC = (
@@ -37,17 +36,6 @@ class KShotConfig:
     batch_size: int = param(16, "images per step, drawn with replacement from the k", valid=POSITIVE)
     per_class: int = param(100, "probe images per forgotten class (the default grid's 100)", valid=POSITIVE)
     grad_clip: float = param(1.0, "gradient-norm clip of the teacher recipe", valid=POSITIVE)
-
-
-def choose(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...], k: int, g: torch.Generator):
-    """The first k of one seeded permutation of each class's images (so the k=1 image is among the k=5 ones)."""
-    picks = []
-    for c in classes:
-        idx = (y == c).nonzero().flatten()
-        if len(idx) < k:
-            raise BenchError(f"the attack needs {k} images of class {c} and the data has {len(idx)}")
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return torch.stack(picks)  # (classes, k)
 
 
 def curve_findings(curve, *, params: dict, reference: float) -> list[Finding]:
@@ -91,7 +79,7 @@ class KShot(Attack):
     def run(self, model, ctx: AttackContext, resume: Resume) -> list[Finding]:
         cfg = self.config
         x, y = ctx.data("forget")
-        picks = choose(x, y, ctx.forget, max(cfg.shots), ctx.seeded("kshot/images"))
+        picks = ctx.choose(x, y, max(cfg.shots), "kshot/images", exemplars=True)
         reference = teacher_probe_accuracy(ctx, cfg.per_class)
         probes = log_probes(cfg.steps, cfg.probes)
         findings = []

@@ -175,7 +175,7 @@ def cmd_ls(args) -> None:
     print(f"methods:\n  {'name':<12} {'real data':<20} paper")
     for name in METHODS:
         cls = METHODS.get(name)
-        oracle = "(oracle) " if cls.oracle else ""
+        oracle = "(oracle) " if cls.oracle else "" if cls.default_sweep else "(run by name) "
         print(f"  {name:<12} {reads[frozenset(cls.requires)]:<20} {oracle}{cls.paper}")
     print("datasets (forget sets):")
     for name in DATASETS:

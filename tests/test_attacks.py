@@ -13,7 +13,6 @@ from attacks.base import AttackContext, Finding, Resume
 from attacks.finetune import log_auc, log_probes, steps_to_reach
 from bench.api import Dataset
 from bench.config import resolve_config
-from bench.models.judge import JudgeCNN
 from bench.registry import ATTACKS
 from bench.sampling import OneStepGenerator
 from tests.helpers import Killed, kill_after_saves, tiny_context, tiny_teacher
@@ -33,9 +32,21 @@ def test_probe_grid_auc_and_steps_to_relearn():
     assert steps_to_reach(curve, 0.95) is None
 
 
-def _judge():
-    torch.manual_seed(1)
-    return JudgeCNN(in_chans=1, num_classes=10, widths=(4,)).eval()
+class TemplateJudge(torch.nn.Module):
+    """A judge for tiny tests that is right often enough to matter (a random CNN calls every image the same
+    class): the class whose mean fixture image is nearest."""
+
+    def __init__(self, templates: torch.Tensor):
+        super().__init__()
+        self.register_buffer("templates", templates.flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -2 * torch.cdist(x.flatten(1), self.templates) ** 2
+
+
+def _judge(run) -> torch.nn.Module:
+    x, y = run.dataset.images("train")
+    return TemplateJudge(torch.stack([x[y == c].mean(0) for c in range(10)])).eval()
 
 
 def _context(tmp_path, fmnist_dir, name, *, seed=0, teacher=None):
@@ -43,7 +54,7 @@ def _context(tmp_path, fmnist_dir, name, *, seed=0, teacher=None):
     run = tiny_context(
         tmp_path / name, fmnist_dir.parent, requires=cls.requires, seed=seed, checkpoint_every=1
     )
-    return AttackContext(run=run, judge=_judge(), teacher=teacher or tiny_teacher(), preset=run.preset)
+    return AttackContext(run=run, judge=_judge(run), teacher=teacher or tiny_teacher(), preset=run.preset)
 
 
 def _attack(name):
@@ -103,8 +114,9 @@ def test_benign_relearning_never_reads_a_forgotten_image(tmp_path, fmnist_dir, m
             raise AssertionError(f"benign relearning read images of classes {classes}")
         return real(self, split, classes)
 
+    ctx = _context(tmp_path, fmnist_dir, "benign")  # the test's judge reads every class: before the patch
     monkeypatch.setattr(Dataset, "images", retained_only)
-    findings, ctx = _run(tmp_path, fmnist_dir, "benign", tiny_teacher(seed=3))
+    findings = _attack("benign").run(tiny_teacher(seed=3), ctx, Resume(ctx.run))
     assert ctx.run.requires == frozenset({"retain"})
     assert [f.params["steps"] for f in findings if f.metric.name == "accuracy"] == [0, 1, 2]
 
@@ -116,15 +128,16 @@ def test_benign_relearning_cannot_ask_for_forgotten_images(tmp_path, fmnist_dir)
 
 
 def test_k_shot_images_are_the_same_for_every_method_and_nested(tmp_path, fmnist_dir):
-    from attacks.kshot import choose
-
     ctx = _context(tmp_path, fmnist_dir, "kshot")
     x, y = ctx.data("forget")
-    a = choose(x, y, (0,), 5, ctx.seeded("kshot/images"))
-    b = choose(x, y, (0,), 5, _context(tmp_path / "other", fmnist_dir, "kshot").seeded("kshot/images"))
+    a = ctx.choose(x, y, 5, "kshot/images", exemplars=False)
+    b = _context(tmp_path / "other", fmnist_dir, "kshot").choose(x, y, 5, "kshot/images", exemplars=False)
     assert torch.equal(a, b) and (y[a.flatten()] == 0).all()
-    other_seed = _context(tmp_path / "s1", fmnist_dir, "kshot", seed=1).seeded("kshot/images")
-    assert not torch.equal(a, choose(x, y, (0,), 5, other_seed))
+    assert torch.equal(ctx.choose(x, y, 1, "kshot/images", exemplars=False), a[:, :1])  # k = 1 is among k = 5
+    other_seed = _context(tmp_path / "s1", fmnist_dir, "kshot", seed=1)
+    assert not torch.equal(a, other_seed.choose(x, y, 5, "kshot/images", exemplars=False))
+    chosen = ctx.choose(x, y, 2, "kshot/images", exemplars=True).flatten()
+    assert ctx.hits(x[chosen], y[chosen]).all()  # exemplars: images the judge is sure of
 
 
 def test_one_step_generators_get_their_analogue_or_no_row(tmp_path, fmnist_dir):
