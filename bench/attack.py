@@ -237,17 +237,18 @@ def attack_sweep(results: Path, names: Sequence[str], runtime, *, run_ids: Seque
     for i, rid in enumerate(ids, 1):
         log.info("[%d/%d] attacking %s: %s", i, len(ids), rid, ", ".join(names))
         out[rid] = attack_run(root / rid, names, runtime, force=force)
-    missing = _missing_controls(results, ids)
+    missing = _missing_controls(results)
     if missing:
         log.warning("robustness: %s: the attacks on the other methods are read against it", missing)
     return out
 
 
-def _missing_controls(results: Path, ids: Sequence[str]) -> str:
+def _missing_controls(results: Path) -> str:
+    """Which controls no run of the sweep folder is (the report reads every run there)."""
     methods = set()
-    for rid in ids:
+    for d in (Path(results) / "runs").iterdir():
         try:
-            methods.add(json.loads((Path(results) / "runs" / rid / "spec.json").read_text())["method"])
+            methods.add(json.loads((d / "spec.json").read_text())["method"])
         except (OSError, ValueError, KeyError):
             continue
     lacking = [m for m in CONTROLS if m not in methods]

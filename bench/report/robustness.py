@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.ticker import NullLocator
 
 from bench.report.tables import ORIGINAL, is_oracle, latex_escape, method_order, natural_key, safe
 from bench.store import atomic_write_text
@@ -165,6 +166,11 @@ def curves_figure(rows: pd.DataFrame, title: str):
         if not flags.empty:
             ax.axhline(100 * flags["threshold"].mean(), color="#999999", linestyle=":", linewidth=1)
         ax.set_xscale("symlog", linthresh=1)  # step 0 (no attack) on the axis, the probes log-spaced after it
+        probes = sorted(sel["steps"].dropna().unique())
+        if probes:
+            ax.set_xlim(0, probes[-1] * 1.15)
+            ax.set_xticks(probes, [f"{s:g}" for s in probes])
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("attack steps")
         ax.grid(alpha=0.3)
