@@ -88,7 +88,7 @@ class RunContext:
     probe_s: float = 0.0
     # This process's rank among the run's data-parallel processes (bench/distributed.py): only rank 0 writes.
     world: distributed.World = field(default_factory=distributed.current)
-    # What the method took from a cache instead of computing it (a stored oracle): {what, path, seconds it took
+    # What the method took from a cache instead of computing it (a stored oracle, sid's stage 1): {what, path, seconds it took
     # when it was computed}; the run's unlearning seconds are this run's own, and its rows say what was reused.
     reused: dict | None = None
 

@@ -124,10 +124,6 @@ def diagonal_fisher(unet: nn.Module, x: torch.Tensor, y: torch.Tensor, *, timest
     return {n: (f / len(x)).cpu() for n, f in zip(names, fisher, strict=True)}
 
 
-def _cached(path: Path, compute) -> dict[str, torch.Tensor]:
-    return cached_tensors(path, compute, what="SA")
-
-
 @dataclass(frozen=True)
 class SAConfig:
     iterations: int = param(20_000, f"{SRC} training.n_iters", valid=POSITIVE)
@@ -266,7 +262,7 @@ class SelectiveAmnesia(Method):
                                     eta=cfg.replay_eta, device=ctx.device, amp=ctx.amp)  # fmt: skip
             return {"images": as_saved_png(images), "labels": labels}
 
-        samples = _cached(replay_file, replay)
+        samples = cached_tensors(replay_file, replay, what="SA")
         x, y = samples["images"].float() / 127.5 - 1, samples["labels"]  # ToTensor, then data_transform
 
         def fisher():
@@ -282,4 +278,4 @@ class SelectiveAmnesia(Method):
             bar.close()
             return out
 
-        return x, y, _cached(fisher_file, fisher)
+        return x, y, cached_tensors(fisher_file, fisher, what="SA")

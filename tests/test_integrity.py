@@ -359,7 +359,10 @@ def test_state_dump_is_checked_against_its_record(tmp_path, fmnist_dir, monkeypa
 
 
 def test_sa_cache_is_checked_and_a_damaged_one_named(tmp_path):
-    from methods.sa import _cached
+    from bench.models.cache import cached_tensors
+
+    def _cached(path, compute):
+        return cached_tensors(path, compute, what="SA")
 
     path = tmp_path / "sa" / "abc" / "replay-x.safetensors"
     calls = []
