@@ -41,6 +41,22 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_stores(tmp_path_factory):
+    """Tests never read or write the user's own model store and caches (~/.cache/unlearn-bench)."""
+    for key, name in (("BENCH_MODEL_DIR", "models"), ("BENCH_CACHE_DIR", "cache")):
+        os.environ[key] = str(tmp_path_factory.mktemp(name))
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Code run in-process (a submitit job's environment, say) must not leak variables into later tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """CIFAR-10 and CelebA fixtures written in their real on-disk formats (tests/fixtures_real.py)."""

@@ -175,7 +175,7 @@ def test_sid_is_sfd_without_forgetting():
 
 @pytest.mark.parametrize(("method", "distilled"), [(SFD, set(range(1, 10))), (SiD, set(range(10)))])
 def test_sid_distils_every_class_and_sfd_the_retained_ones(
-    tmp_path, fmnist_dir, monkeypatch, method, distilled
+    tmp_path, fmnist_dir, monkeypatch, isolated_stores, method, distilled
 ):
     """The official stage 1 (cifar10_sid.yml, --label_to_forget -1) distils class 0 too; train_sfd does not."""
     import methods.sfd as sfd_module
