@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_ls(args) -> None:
     from bench.presets import PRESETS
-    from bench.registry import DATASETS, EVALUATORS, METHODS
+    from bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS
 
     reads = {frozenset(): "none", frozenset({"forget"}): "forget only", frozenset({"retain"}): "retained only",
              frozenset({"forget", "retain"}): "forget and retained"}  # fmt: skip
@@ -185,6 +185,10 @@ def cmd_ls(args) -> None:
     for name in EVALUATORS:
         ev = EVALUATORS.get(name)
         print(f"  {name:<16} {', '.join(f'{m.name}[{m.subset}]' for m in ev.metrics)}")
+    print("attacks (bench attack, or --evaluators +robustness):")
+    for name in ATTACKS:
+        cls = ATTACKS.get(name)
+        print(f"  {name:<14} {reads[frozenset(cls.requires)]:<20} {cls.title}: {cls.threat}")
     print("presets:")
     for p in PRESETS.values():
         print(f"  {p.name:<8} {p.description}")

@@ -133,6 +133,7 @@ def test_ls_and_show(capsys):
     assert (
         "sfd" in out and "fashion-mnist" in out and "class-0" in out and "smoke" in out and "fd_judge" in out
     )
+    assert "kshot" in out and "k-shot relearning" in out and "concealment" in out  # the attacks too
     assert main(["show", "sfd"]) == 0
     out = capsys.readouterr().out
     assert "cifar10_sfd.yml" in out and "arXiv 2409.11219" in out and "preset default" in out

@@ -101,8 +101,9 @@ def test_one_sfd_iteration_on_two_ranks_is_the_one_process_iteration(tmp_path, f
     log1 = json.loads((tmp_path / "one" / "train_log.jsonl").read_text())
     log2 = json.loads((tmp_path / "two" / "train_log.jsonl").read_text())
     assert log1.keys() == log2.keys() and log1["step"] == log2["step"] == 1
+    # (a missing average would be off by 2x; summation order alone moved loss_generator by 1.04e-5 on an Intel Xeon)
     for key in ("loss_fake", "loss_generator"):
-        assert log2[key] == pytest.approx(log1[key], rel=1e-5)
+        assert log2[key] == pytest.approx(log1[key], rel=1e-4)
 
 
 def teacher_step(world, data_dir: Path, out: Path) -> None:
