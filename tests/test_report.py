@@ -480,3 +480,10 @@ def test_tradeoff_figure_draws_the_intervals_as_error_bars(paired_runs):
     np.testing.assert_allclose(y_segment[:, 1], [lo, hi])
     np.testing.assert_allclose(x_segment[:, 0], [1.15, 1.35])  # fd_judge's own interval
     assert "95%" in fig.legends[0].get_title().get_text()
+
+
+def test_a_swept_oracle_is_still_the_oracle():
+    """bench/sweep.py labels runs that differ by a setting `retrain[lr=1e-04]`; they keep their place and role."""
+    assert tables.is_oracle("retrain[lr=1e-04]") and not tables.is_oracle("sfd[lr_generator=1e-05]")
+    order = tables.method_order(["retrain[lr=1e-04]", "esd[lr=1e-05]", "sfd[lr_generator=1e-05]", "original"])
+    assert order == ["original", "sfd[lr_generator=1e-05]", "esd[lr=1e-05]", "retrain[lr=1e-04]"]

@@ -60,6 +60,11 @@ iterations = 7
     assert s.sets == {"sfd": {"lr_generator": [1e-5, 1e-4]}, "esd": {"iterations": 7}}
 
 
+def test_a_sweep_file_asks_for_attacks_as_the_command_line_does(tmp_path):
+    f = write(tmp_path / "attacked.toml", 'evaluators = ["+robustness", "+kshot", "fid"]\n')
+    assert sweep.load(f).values["evaluators"] == ["+robustness", "+kshot", "fid"]
+
+
 def test_command_line_flags_win_over_the_file_and_sets_combine(tmp_path, fmnist_dir):
     f = write(tmp_path / "s.toml", 'methods = ["sfd", "esd"]\nseeds = [0, 1]\npreset = "smoke"\n'
                                    '[set]\nsfd.lr_generator = [1e-5, 1e-4]\nsfd.iterations = 3\n')  # fmt: skip
@@ -77,6 +82,7 @@ def test_command_line_flags_win_over_the_file_and_sets_combine(tmp_path, fmnist_
 @pytest.mark.parametrize(("text", "says"), [
     ('metods = ["sfd"]', "unknown key 'metods'; valid keys: methods, datasets, forget_sets, seeds, preset"),
     ('methods = ["sfd", "nope"]', "unknown method 'nope'; valid methods: .*esd.*sfd"),
+    ('evaluators = ["+robustnes"]', "unknown evaluator 'robustnes'; valid evaluators"),
     ('preset = "huge"', "unknown preset 'huge'; valid presets: default, paper, smoke"),
     ("seeds = [0, 1.5]", "seeds = .*expected a non-empty list of integers"),
     ("methods = []", "methods = \\[\\]: expected a non-empty list of names"),

@@ -65,22 +65,28 @@ def method_order(methods: Iterable[str]) -> list[str]:
     registry = METHODS.names()
 
     def key(m: str) -> tuple[int, int, str]:
-        pos = registry.index(m) if m in registry else len(registry)
+        pos = registry.index(base_method(m)) if base_method(m) in registry else len(registry)
         if m == ORIGINAL:
             return (0, 0, m)
         if is_oracle(m):
             return (3, pos, m)
-        if m == REFERENCE:
+        if base_method(m) == REFERENCE:
             return (1, 0, m)
         return (2, pos, m)
 
     return sorted(dict.fromkeys(methods), key=key)
 
 
+def base_method(label: str) -> str:
+    """The registry name behind a report label: `retrain[lr=1e-4]` (bench/sweep.py's label_swept) is `retrain`."""
+    return label.split("[", 1)[0]
+
+
 def is_oracle(method: str) -> bool:
     from bench.registry import METHODS
 
-    return method in METHODS and METHODS.get(method).oracle
+    name = base_method(method)
+    return name in METHODS and METHODS.get(name).oracle
 
 
 def natural_key(name: str) -> list:
