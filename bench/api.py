@@ -147,8 +147,12 @@ _TENSORS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _as_tensors(dataset: Dataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    # Keyed by what determines the tensors, so two Dataset objects for the same files share one copy.
-    key = (dataset.name, str(dataset.data_dir), dataset.image_size, split)
+    # Keyed by what determines the tensors, so two Dataset objects for the same files share one copy: the folder
+    # named by --data-dir, else the BENCH_DATA_DIR of the moment (a dataset object made before it changed must not
+    # serve the other folder's images), and an image folder's own path.
+    folder = dataset.data_dir or os.environ.get("BENCH_DATA_DIR")
+    key = (type(dataset).__name__, dataset.name, str(folder), str(getattr(dataset, "root", None)),
+           dataset.image_size, split)  # fmt: skip
     if key not in _TENSORS:
         arr, labels = dataset.load_split(split)
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

@@ -46,6 +46,21 @@ def test_fashion_mnist_reads_fixture(fmnist_dir):
     assert set(y0.tolist()) == {0, 3} and len(x0) == 100
 
 
+def test_images_follow_bench_data_dir_as_it_changes(tmp_path, fmnist_dir, monkeypatch):
+    """The in-process image cache once served one BENCH_DATA_DIR's images after it had changed (a benchmark read
+    the 500-image test fixture as if it were Fashion-MNIST)."""
+    images, labels = fixture_images()
+    small = tmp_path / "small"
+    small.mkdir()
+    for prefix in ("train", "t10k"):
+        write_idx(small / f"{prefix}-images-idx3-ubyte.gz", images[:40])
+        write_idx(small / f"{prefix}-labels-idx1-ubyte.gz", labels[:40])
+    monkeypatch.setenv("BENCH_DATA_DIR", str(fmnist_dir))
+    assert len(FashionMNIST(image_size=16).images("test")[0]) == 500
+    monkeypatch.setenv("BENCH_DATA_DIR", str(small))
+    assert len(FashionMNIST(image_size=16).images("test")[0]) == 40
+
+
 def test_missing_data_says_what_to_put_where(tmp_path, monkeypatch):
     monkeypatch.setattr("bench.data.fashion_mnist.DEBIAN_DIR", tmp_path / "nothing")
     monkeypatch.delenv("BENCH_DATA_DIR", raising=False)
