@@ -86,10 +86,10 @@ def _text(value: Any) -> str:
 def load(path: Path) -> Sweep:
     """Read and check a sweep file: unknown keys, wrong types and unknown names fail here, naming the file and
     listing what is valid, before anything runs."""
-    from bench.attack import SUITE
+    from bench.attack import evaluator_names
     from bench.cli import SEEDS
     from bench.presets import get_preset
-    from bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS
+    from bench.registry import DATASETS, EVALUATORS, METHODS
 
     path = Path(path)
     try:
@@ -141,10 +141,8 @@ def load(path: Path) -> Sweep:
     try:  # names: the registries' errors list the valid ones
         for m in sweep.values.get("methods", []):
             METHODS.get(m)
-        attacks = {SUITE, *ATTACKS.names()}  # '+robustness' or an attack's name, as --evaluators takes them
-        for e in (v.lstrip("+") for v in sweep.values.get("evaluators", [])):
-            if e not in attacks:
-                EVALUATORS.get(e)
+        for e in evaluator_names(sweep.values.get("evaluators"), []):  # attacks ('+robustness') left out
+            EVALUATORS.get(e)
         for d in sweep.values.get("datasets", []):
             DATASETS.get(d.partition(":")[0])
         if "preset" in sweep.values:
