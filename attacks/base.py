@@ -85,10 +85,10 @@ class AttackContext:
     def sample(
         self, model: Sampler, labels: torch.Tensor, seeds: list[int], *, guidance: float | None = None
     ):
-        """Images from `model` with the preset's sampler (its steps and eta; its guidance unless given)."""
+        """Images from `model` with the preset's sampler (its steps and eta; its attack guidance unless given)."""
         p = self.preset
-        w = p.guidance if guidance is None else guidance
-        return model.sample(labels, seeds, steps=p.sampler_steps, guidance=w, eta=p.eta, device=self.device,
+        w = p.attack_guidance if guidance is None else guidance
+        return model.sample(labels, seeds, steps=p.attack_sampler_steps, guidance=w, eta=p.eta, device=self.device,
                             amp=self.amp)  # fmt: skip
 
     def judged(self, images: torch.Tensor) -> torch.Tensor:

@@ -92,8 +92,8 @@ class Concealment(Attack):
                 out, parts = [], []
                 for i in range(0, len(y), cfg.batch_size):
                     images, start = denoise_from(model, x[i : i + cfg.batch_size], y[i : i + cfg.batch_size],
-                                                 seeds[i : i + cfg.batch_size], fraction, steps=p.sampler_steps,
-                                                 guidance=p.guidance, eta=p.eta, device=ctx.device, amp=ctx.amp)  # fmt: skip
+                                                 seeds[i : i + cfg.batch_size], fraction, steps=p.attack_sampler_steps,
+                                                 guidance=p.attack_guidance, eta=p.eta, device=ctx.device, amp=ctx.amp)  # fmt: skip
                     out.append(images)
                     parts.append(start)
                 hits = ctx.hits(torch.cat(out), y)

@@ -180,7 +180,7 @@ def _attack_one(run_dir: Path, name: str, loaded: _Loaded, runtime) -> str:
         actx = AttackContext(run=ctx, judge=judge, teacher=teacher, preset=preset, _cache=loaded.cache)
         model.unet.to(runtime.torch_device)
         findings = attack.run(model, actx, Resume(ctx))
-        sampled = sampling_fields(model, preset)
+        sampled = sampling_fields(model, preset, preset.attack_guidance, preset.attack_sampler_steps)
         rows = [_row(spec, cls, model, f, sampled) for f in findings]
     seconds = time.perf_counter() - t0
     store.write_metrics(d / ROWS, rows)

@@ -285,20 +285,21 @@ def summary_table(rows, results: Path | None = None) -> str:
     import pandas as pd
 
     from bench import store
+    from bench.report.tables import with_condition
     from bench.sweep import label_swept
 
-    df = pd.DataFrame(rows)
+    df = with_condition(pd.DataFrame(rows))
     if results is not None:
         df = label_swept(df, {rid: store.run_dir(results, rid) for rid in df["run_id"].unique()})
     df["column"] = df["metric"] + "[" + df["subset"] + "]"
     keep = ["accuracy[forget]", "accuracy[retain]", "to_anchor[forget]", "fd_judge[retain]", "unlearn_s[all]",
             "images_per_s[all]", "nfe[all]"]  # fmt: skip
     order = list(dict.fromkeys(df["method"]))
-    table = df.pivot_table(index=["dataset", "forget_set", "method"], columns="column", values="value",
-                           aggfunc="mean", sort=False)  # fmt: skip
+    index = ["dataset", "forget_set", "condition", "method"]  # a row per sampling condition ("guidance 3")
+    table = df.pivot_table(index=index, columns="column", values="value", aggfunc="mean", sort=False)
     table = table[[c for c in keep if c in table.columns] + [c for c in table.columns if c not in keep]]
-    table = table.reindex(sorted(table.index, key=lambda i: (i[0], i[1], order.index(i[2]))))
-    seeds = df.groupby(["dataset", "forget_set", "method"])["seed"].nunique()
+    table = table.reindex(sorted(table.index, key=lambda i: (i[0], i[1], i[2], order.index(i[3]))))
+    seeds = df.groupby(index)["seed"].nunique()
     table.insert(0, "seeds", seeds.reindex(table.index).values)
     return table.to_string(float_format=lambda v: f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}")
 

@@ -67,7 +67,9 @@ def run_one(spec: RunSpec, results: Path, runtime: Runtime, *, reraise: bool) ->
             runner.execute(spec, results, runtime)
         return "done" if decision == "run" else decision
     d = store.run_dir(results, spec.run_id)
-    if store.is_done(d):  # a finished run is never redone, whatever restarted this job
+    # A finished run is never redone, whatever restarted this job (only evaluated again if its preset's
+    # sampling conditions changed since: runner.evaluated_as_planned).
+    if store.is_done(d) and runner.evaluated_as_planned(spec, d):
         return world.broadcast("done")
     d.mkdir(parents=True, exist_ok=True)
     with open(d / ".lock", "w") as lock:
@@ -164,7 +166,7 @@ def plan(specs: list[RunSpec], results: Path, *, force: bool = False) -> Plan:
             runner.check_config(s, store.run_dir(results, s.run_id))
         if st in ("pending", "running"):
             out.active.append(s)
-        elif st == "done" and not force:
+        elif st == "done" and not force and runner.evaluated_as_planned(s, store.run_dir(results, s.run_id)):
             # a broken results file raises here, naming itself
             store.read_metrics(store.run_dir(results, s.run_id) / "metrics.jsonl")
             out.done.append(s)

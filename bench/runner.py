@@ -26,7 +26,7 @@ from bench.data import make_dataset
 from bench.errors import BenchError
 from bench.files import share
 from bench.models import store as model_store
-from bench.presets import get_preset
+from bench.presets import condition_name, get_preset
 from bench.registry import EVALUATORS, METHODS
 
 log = logging.getLogger(__name__)
@@ -211,11 +211,13 @@ def teacher_weights(method_cls, teacher) -> dict:
     return {"started_from": used, "official": wants, **({"note": note} if note else {})}
 
 
-def sampling_fields(model, preset) -> dict:
-    """How the evaluation grid was sampled, carried by every row: a one-step generator takes no steps or guidance."""
+def sampling_fields(model, preset, guidance: float | None = None, steps: int | None = None) -> dict:
+    """How the images were sampled, carried by every row (guidance and steps: the preset's unless given): a
+    one-step generator takes no steps or guidance."""
     if model.kind == "one-step":
         return {"sampler": "one-step", "guidance": None}
-    return {"sampler": f"ddim-{preset.sampler_steps} eta {preset.eta:g}", "guidance": preset.guidance}
+    w = preset.guidance if guidance is None else guidance
+    return {"sampler": f"ddim-{steps or preset.sampler_steps} eta {preset.eta:g}", "guidance": w}
 
 
 def check_config(spec: RunSpec, d: Path) -> None:
@@ -267,11 +269,16 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     if force:
         world.barrier()
     check_config(spec, d)
+    preset = get_preset(spec.preset)
     if store.is_done(d):
-        return d
+        if evaluated_as_planned(spec, d):
+            return d
+        log.info("%s: evaluating its saved model again under %s (it was evaluated under %s)", spec.run_id,
+                 ", ".join(condition_names(preset)),
+                 ", ".join(store.done_conditions(d) or ["the preset's guidance of its time"]))  # fmt: skip
+        store.reopen(d)
     phases = Phases()
     device = runtime.torch_device
-    preset = get_preset(spec.preset)
     dataset = make_dataset(spec.dataset, data_dir=runtime.data_dir, image_size=preset.image_size)
     forget_set = dataset.forget_set(spec.forget_set)
     data = dataset.data_identity()
@@ -328,31 +335,6 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
             shutil.rmtree(d / "state", ignore_errors=True)
 
     labels, seeds = eval_grid(dataset.num_classes, preset.eval_per_class, spec.seed)
-    t0 = time.perf_counter()
-    with phases("sample"):
-        images = model.sample(labels, seeds, steps=preset.sampler_steps, guidance=preset.guidance, eta=preset.eta,
-                              device=device, amp=runtime.amp)  # fmt: skip
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    sample_s = time.perf_counter() - t0
-    bad = int((~torch.isfinite(images.flatten(1)).all(1)).sum())
-    if bad:  # NaN would crash the evaluators' linear algebra (a segfault in MKL), and inf mean nothing
-        raise BenchError(
-            f"the model produced non-finite images (NaN or inf in {bad} of {len(images)}): the method diverged; "
-            f"see {d / 'train_log.jsonl'} for its losses, and lower its learning rate or change its config "
-            f"(--set {spec.method}.NAME=VALUE; {d / 'spec.json'} has the config). The saved model is kept in "
-            f"{model_dir}, so this run fails the same way until you rerun it with --force"
-        )
-    samples = SampleSet(images=images, labels=labels, nfe=model.nfe(steps=preset.sampler_steps, guidance=preset.guidance),
-                        sample_s=sample_s, unlearn_s=unlearn_s, peak_mem_mb=_peak_memory_mb(device))  # fmt: skip
-    grid = images.view(dataset.num_classes, preset.eval_per_class, *images.shape[1:])[:, :GRID_PER_CLASS]
-    with phases("write"):
-        save_file(
-            {"images": ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).contiguous()},
-            d / "samples.safetensors",
-        )
-        share(d / "samples.safetensors")
-
     ectx = EvalContext(
         dataset=dataset,
         forget_set=forget_set,
@@ -361,29 +343,86 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         options={"fid_reference": preset.fid_reference, **dict(spec.options)},
         anchors=anchors,
     )
-    rows, outcomes = [], {}
-    sampled = sampling_fields(model, preset)
     # What the method loaded from a cache instead of computing (a stored oracle, sfd-2stage's stage 1), and the
     # seconds it took when it was computed: unlearn_s is this run's own time.
-    sampled |= {"reused": reused["what"] if reused else "", "reused_s": reused["seconds"] if reused else None}
-    for ev in evaluators:
-        with phases("evaluate"):
-            measured = [Measurement.of(item) for item in ev(samples, ectx)]
-            extra = ev.row_fields(ectx)
-        for m in measured:
-            low, high = (_finite(b) for b in m.ci) if m.ci is not None else (None, None)
-            rows.append({"run_id": spec.run_id, "method": spec.method, "dataset": spec.dataset,
-                         "forget_set": spec.forget_set, "seed": spec.seed, "evaluator": ev.name,
-                         "metric": m.metric.name, "subset": m.metric.subset, "value": float(m.value), "n": int(m.n),
-                         "higher_is_better": m.metric.higher_is_better, "unit": m.metric.unit, "ci_low": low,
-                         "ci_high": high, "ci_method": m.ci_method or None, "preset": spec.preset,
-                         "evaluator_version": ev.version, "method_version": method_cls.version, **sampled,
-                         **extra})  # fmt: skip
-            if m.outcomes is not None:
-                outcomes[m.metric.key] = (m.outcomes, m.test)
+    cached = {"reused": reused["what"] if reused else "", "reused_s": reused["seconds"] if reused else None}
+    rows, outcomes = [], {}
+    for guidance, names in sampling_plan(model, preset):
+        t0 = time.perf_counter()
+        with phases("sample"):
+            images = model.sample(labels, seeds, steps=preset.sampler_steps, guidance=guidance, eta=preset.eta,
+                                  device=device, amp=runtime.amp)  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        sample_s = time.perf_counter() - t0
+        _check_finite(images, spec, d, model_dir)
+        samples = SampleSet(images=images, labels=labels, nfe=model.nfe(steps=preset.sampler_steps, guidance=guidance),
+                            sample_s=sample_s, unlearn_s=unlearn_s, peak_mem_mb=_peak_memory_mb(device))  # fmt: skip
+        if names[0] == condition_name(preset.guidance):  # the main protocol's images: the run's sample grid
+            _save_grid(images, dataset.num_classes, preset.eval_per_class, d, phases)
+        sampled = sampling_fields(model, preset, guidance) | cached
+        for ev in evaluators:
+            with phases("evaluate"):
+                measured = [Measurement.of(item) for item in ev(samples, ectx)]
+                extra = ev.row_fields(ectx)
+            for condition in names:
+                for m in measured:
+                    rows.append(_row(spec, ev, m, method_cls, condition, sampled | extra))
+                    if m.outcomes is not None:
+                        outcomes[store.outcome_key(m.metric.key, condition)] = (m.outcomes, m.test)
     with phases("write"):
         store.write_outcomes(d, outcomes)  # before the metrics: DONE, written last, records both checksums
         store.write_metrics(d / "metrics.jsonl", rows)
     store.write_json(d / "timings.json", phases.summary())
-    store.mark_done(d)
+    store.mark_done(d, conditions=condition_names(preset))
     return d
+
+
+def condition_names(preset) -> list[str]:
+    """The conditions every run of this preset is evaluated under (the `condition` of its rows), main first."""
+    return [condition_name(w) for w in preset.conditions]
+
+
+def sampling_plan(model, preset) -> list[tuple[float, list[str]]]:
+    """(guidance, the conditions its samples serve) per sampling of the evaluation grid: a multi-step model is
+    sampled once per condition, a one-step generator once for all (it takes no guidance)."""
+    if model.kind == "one-step":
+        return [(1.0, condition_names(preset))]
+    return [(w, [condition_name(w)]) for w in preset.conditions]
+
+
+def evaluated_as_planned(spec: RunSpec, d: Path) -> bool:
+    """Whether a finished run was evaluated under the conditions its preset asks for now (a run finished before
+    the default preset sampled at guidance 3 was not: the next `bench run` evaluates its saved model again)."""
+    return store.done_conditions(d) == condition_names(get_preset(spec.preset))
+
+
+def _check_finite(images: torch.Tensor, spec: RunSpec, d: Path, model_dir: Path) -> None:
+    bad = int((~torch.isfinite(images.flatten(1)).all(1)).sum())
+    if bad:  # NaN would crash the evaluators' linear algebra (a segfault in MKL), and inf mean nothing
+        raise BenchError(
+            f"the model produced non-finite images (NaN or inf in {bad} of {len(images)}): the method diverged; "
+            f"see {d / 'train_log.jsonl'} for its losses, and lower its learning rate or change its config "
+            f"(--set {spec.method}.NAME=VALUE; {d / 'spec.json'} has the config). The saved model is kept in "
+            f"{model_dir}, so this run fails the same way until you rerun it with --force"
+        )
+
+
+def _save_grid(images: torch.Tensor, num_classes: int, per_class: int, d: Path, phases: Phases) -> None:
+    """The first GRID_PER_CLASS images of each class as 8-bit pixels (`bench report`'s sample grids)."""
+    grid = images.view(num_classes, per_class, *images.shape[1:])[:, :GRID_PER_CLASS]
+    with phases("write"):
+        save_file({"images": ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).contiguous()},
+                  d / "samples.safetensors")  # fmt: skip
+        share(d / "samples.safetensors")
+
+
+def _row(spec: RunSpec, ev, m: Measurement, method_cls, condition: str, fields: dict) -> dict:
+    """One tidy metric row: what was measured, its interval, and how the images were made."""
+    low, high = (_finite(b) for b in m.ci) if m.ci is not None else (None, None)
+    return {"run_id": spec.run_id, "method": spec.method, "dataset": spec.dataset, "forget_set": spec.forget_set,
+            "seed": spec.seed, "evaluator": ev.name, "metric": m.metric.name, "subset": m.metric.subset,
+            "value": float(m.value), "n": int(m.n), "higher_is_better": m.metric.higher_is_better,
+            "unit": m.metric.unit, "ci_low": low, "ci_high": high, "ci_method": m.ci_method or None,
+            "preset": spec.preset, "condition": condition, "evaluator_version": ev.version,
+            "method_version": method_cls.version, **fields}  # fmt: skip

@@ -166,14 +166,32 @@ def is_done(directory: Path) -> bool:
     return (directory / DONE).is_file() and metrics.is_file() and metrics.stat().st_size > 0
 
 
-def mark_done(directory: Path) -> None:
+def mark_done(directory: Path, *, conditions: list[str] | None = None) -> None:
     """Record the checksums of the metrics (with their row count) and of the outcomes in DONE, so an edited or
-    truncated file is noticed."""
+    truncated file is noticed, and the sampling conditions the run was evaluated under."""
     raw = (directory / "metrics.jsonl").read_bytes()
     record = {"metrics_sha256": hashlib.sha256(raw).hexdigest(), "rows": raw.count(b"\n")}
+    if conditions is not None:
+        record["conditions"] = list(conditions)
     if (directory / OUTCOMES).is_file():
         record["outcomes_sha256"] = sha256(directory / OUTCOMES)
     write_json(directory / DONE, record)
+
+
+def done_conditions(directory: Path) -> list[str] | None:
+    """The sampling conditions a finished run was evaluated under (None for a run finished before they existed)."""
+    return _done_record(directory).get("conditions")
+
+
+def reopen(directory: Path) -> None:
+    """Make a finished run unfinished again, keeping its saved model: its evaluation is redone."""
+    (Path(directory) / DONE).unlink(missing_ok=True)
+
+
+def outcome_key(metric_key: str, condition: str = "") -> str:
+    """The key of a metric's per-image outcomes in outcomes.safetensors: `accuracy[forget]`, and with a sampling
+    condition `accuracy[forget] @ guidance 3` (runs made before conditions have the bare key)."""
+    return f"{metric_key} @ {condition}" if condition else metric_key
 
 
 def write_outcomes(directory: Path, outcomes: dict[str, tuple[Any, str]]) -> None:
@@ -184,7 +202,8 @@ def write_outcomes(directory: Path, outcomes: dict[str, tuple[Any, str]]) -> Non
 
     def tensor(v) -> torch.Tensor:
         t = torch.as_tensor(v).detach().cpu()
-        return (t.to(torch.uint8) if t.dtype in (torch.bool, torch.uint8) else t.double()).contiguous()
+        # a copy each: a one-step generator's outcomes serve every sampling condition, one tensor under two keys
+        return (t.to(torch.uint8) if t.dtype in (torch.bool, torch.uint8) else t.double()).contiguous().clone()
 
     tensors = {k: tensor(v) for k, (v, _) in outcomes.items()}
     tests = {k: test for k, (_, test) in outcomes.items()}

@@ -24,7 +24,7 @@ from bench.api import EvalContext, SampleSet
 from bench.config import RunSpec, resolve_config
 from bench.context import Runtime
 from bench.data import make_dataset
-from bench.presets import get_preset
+from bench.presets import condition_name, get_preset
 from bench.registry import METHODS
 from bench.runner import execute, load_models, process_memory_mb
 from benchmarks.common import OUT, markdown, publish
@@ -99,7 +99,9 @@ def _timed_run(method: str, grid: tuple, probes: int, out: Path) -> tuple[list[d
     spec = RunSpec(method=method, dataset=DATASET, forget_set=FORGET_SET, seed=0, preset=preset)
     rss_before = process_memory_mb("VmRSS")
     d = execute(spec, out, runtime, force=True)
-    final = {(r["metric"], r["subset"]): r["value"] for r in store.read_metrics(d / "metrics.jsonl")}
+    main = condition_name(get_preset(preset).guidance)  # the main protocol's figures, as the probes sample
+    final = {(r["metric"], r["subset"]): r["value"] for r in store.read_metrics(d / "metrics.jsonl")
+             if r.get("condition", main) == main}  # fmt: skip
     chance = 1 / grid.ectx.dataset.num_classes
     gone = next((c["seconds"] for c in curve if c["accuracy_forget"] <= chance + 1e-6), None)
     return curve, {

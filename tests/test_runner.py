@@ -153,3 +153,64 @@ def test_a_stored_oracle_is_loaded_and_the_rows_say_so(tmp_path, fmnist_dir, mon
     assert {
         r["reused"] for r in store.read_metrics(execute(spec, tmp_path / "b", runtime) / "metrics.jsonl")
     } == {"oracle"}
+
+
+def test_multi_step_models_are_sampled_under_every_condition_one_step_generators_once(
+    tmp_path, fmnist_dir, monkeypatch
+):
+    """Issue 12.4: the papers' protocol (guidance 3 for multi-step models, none for one-step generators) and a
+    second condition (guidance 1); each row says how its images were sampled, and a run evaluated under other
+    conditions than its preset now asks for is evaluated again, without unlearning again."""
+    import dataclasses
+
+    import methods.finetune
+    from bench import launch, presets
+
+    smoke = presets.PRESETS["smoke"]
+    monkeypatch.setitem(
+        presets.PRESETS, "smoke", dataclasses.replace(smoke, guidance=3.0, also_guidance=(1.0,))
+    )
+    runtime = Runtime(data_dir=fmnist_dir.parent, progress=False)
+    evaluators = ("forget_accuracy", "wallclock")
+    found = {}
+    for method in ("finetune", "sfd"):
+        spec = RunSpec(method=method, dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke",
+                       evaluators=evaluators)  # fmt: skip
+        d = execute(spec, tmp_path, runtime)
+        found[method] = (spec, d, store.read_metrics(d / "metrics.jsonl"))
+        assert store.done_conditions(d) == ["guidance 3", "guidance 1"]
+
+    _, d, rows = found["finetune"]
+    by = {(r["condition"], r["metric"], r["subset"]): r for r in rows}
+    for condition, w in (("guidance 3", 3.0), ("guidance 1", 1.0)):
+        r = by[(condition, "nfe", "all")]
+        assert (r["guidance"], r["sampler"], r["value"]) == (w, "ddim-10 eta 0", 10 * (2 if w != 1 else 1))
+        assert by[(condition, "accuracy", "forget")]["guidance"] == w
+    assert (
+        by[("guidance 3", "accuracy", "retain")]["value"] != by[("guidance 1", "accuracy", "retain")]["value"]
+    )
+    outcomes = store.read_outcomes(d)
+    assert {"accuracy[forget] @ guidance 3", "accuracy[forget] @ guidance 1"} <= set(outcomes)
+
+    _, _, rows = found["sfd"]  # sampled once: the same figures under both conditions, without guidance
+    one = {}
+    for r in rows:
+        assert r["guidance"] is None and r["sampler"] == "one-step"
+        one.setdefault(r["condition"], {})[(r["metric"], r["subset"])] = r["value"]
+    assert set(one) == {"guidance 3", "guidance 1"} and one["guidance 3"][("nfe", "all")] == 1
+    assert {k: v for k, v in one["guidance 3"].items() if k[0] != "sample_s"} == {
+        k: v for k, v in one["guidance 1"].items() if k[0] != "sample_s"
+    }
+
+    # The preset drops its second condition: the finished run is to do again, and only its evaluation is redone.
+    monkeypatch.setitem(presets.PRESETS, "smoke", dataclasses.replace(smoke, guidance=3.0))
+    spec, d, before = found["finetune"]
+    assert launch.plan([spec], tmp_path).todo == [spec]
+    monkeypatch.setattr(methods.finetune.Finetune, "unlearn", lambda *a: pytest.fail("unlearning ran again"))
+    execute(spec, tmp_path, runtime)
+    after = store.read_metrics(d / "metrics.jsonl")
+    assert {r["condition"] for r in after} == {"guidance 3"} and store.done_conditions(d) == ["guidance 3"]
+    assert [r["value"] for r in after if r["metric"] == "accuracy"] == [
+        r["value"] for r in before if r["metric"] == "accuracy" and r["condition"] == "guidance 3"
+    ]
+    assert launch.plan([spec], tmp_path).done == [spec]

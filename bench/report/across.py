@@ -1,6 +1,7 @@
 """The table across forget classes: the published protocols forget class 0 only, and this table says how much the
 class forgotten matters. Per (dataset, preset) with several single-class forget sets (`class-K`), per method: the
-mean over the forget classes of each class's mean over seeds, with a 95% Student-t interval over the classes."""
+mean over the forget classes of each class's mean over seeds, with a 95% Student-t interval over the classes, under
+each preset's main sampling condition."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from bench.report.tables import (
     fmt,
     is_oracle,
     latex_escape,
+    main_rows,
     method_order,
     metric_key,
     natural_key,
@@ -37,6 +39,7 @@ def summarize_across(df: pd.DataFrame) -> pd.DataFrame:
     columns = [*GROUP, "method", "column", "n", "mean", "std", "lo", "hi"]
     if df.empty or not {*GROUP, "forget_set", "method", "metric", "subset"} <= set(df.columns):
         return pd.DataFrame(columns=columns)
+    df = main_rows(df)
     df = df[df["forget_set"].astype(str).str.fullmatch(SINGLE_CLASS)]
     df = df.assign(column=metric_key(df), value=df["value"].astype(float))
     df = df[df["column"].isin(METRICS)]

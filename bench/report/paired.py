@@ -1,7 +1,7 @@
 """Paired tests between methods, from the per-image outcomes each run keeps (outcomes.safetensors).
 
 The evaluation grid draws image i of class c from the same seeded noise in every method, so two runs of one
-(dataset, forget set, preset, seed) pair image by image, and runs with several seeds pool their pairs. Per metric,
+(dataset, forget set, preset, seed) sampled under one condition pair image by image, and runs with several seeds pool their pairs. Per metric,
 the test its evaluator named: the exact McNemar test for a rate (accuracy, to_anchor), the Wilcoxon signed-rank test
 for a mean over images (prob, entropy, CLIP score), and a paired bootstrap for a Frechet distance (both runs'
 replicates come from the same resampled image indices; over seeds, the mean of the per-seed differences). Pairs are
@@ -22,7 +22,7 @@ from bench.errors import BenchError
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
-GROUP = ["dataset", "forget_set", "preset"]
+GROUP = ["dataset", "forget_set", "preset", "condition"]
 COLUMNS = [*GROUP, "metric", "method_a", "method_b", "test", "statistic", "p_value", "significant", "n_pairs",
            "seeds", "difference"]  # fmt: skip
 
@@ -88,14 +88,15 @@ def pairwise(df: pd.DataFrame, outcomes: Outcomes) -> pd.DataFrame:
     """Every pair of methods on every metric with outcomes, per (dataset, forget set, preset): the test, its
     statistic and p-value, whether p < ALPHA, the pairs (images, or samples per run for the bootstrap), the seeds
     pooled, and the difference a - b (of the means, or of the distances)."""
-    from bench.report.tables import method_order, metric_key
+    from bench.report.tables import method_order, metric_key, with_condition
 
     if df.empty or not outcomes:
         return pd.DataFrame(columns=COLUMNS)
-    df = df.assign(column=metric_key(df))
+    df = with_condition(df).assign(column=metric_key(df))
     records = []
     for keys, part in df.groupby([*GROUP, "column"], sort=False):
-        *group, key = keys
+        *group, column = keys
+        key = store.outcome_key(column, group[GROUP.index("condition")])
         if not any(key in outcomes.get(rid, {}) for rid in part["run_id"]):
             continue
         runs = _runs(part)
@@ -106,15 +107,15 @@ def pairwise(df: pd.DataFrame, outcomes: Outcomes) -> pd.DataFrame:
                 if found is None:
                     continue
                 r, seeds = found
-                records.append([*group, key, ma, mb, r.test, r.statistic, r.p_value, r.p_value < ALPHA,
+                records.append([*group, column, ma, mb, r.test, r.statistic, r.p_value, r.p_value < ALPHA,
                                 r.n_pairs, seeds, r.difference])  # fmt: skip
     return pd.DataFrame(records, columns=COLUMNS)
 
 
 def lookup(tests: pd.DataFrame) -> dict[tuple, tuple]:
-    """(dataset, forget set, preset, metric, method, method) -> its test row, both ways round."""
+    """(dataset, forget set, preset, condition, metric, method, method) -> its test row, both ways round."""
     out = {}
     for row in tests.itertuples(index=False):
-        g = (row.dataset, row.forget_set, row.preset, row.metric)
+        g = (row.dataset, row.forget_set, row.preset, row.condition, row.metric)
         out[(*g, row.method_a, row.method_b)] = out[(*g, row.method_b, row.method_a)] = row
     return out

@@ -324,7 +324,10 @@ def time_to_forget_figure(
 
 def write_figures(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -> list[Path]:
     """Trade-off and wall-clock figures per (dataset, preset), a sample grid per (dataset, forget set, preset,
-    seed) from the runs that kept samples."""
+    seed) from the runs that kept samples, under each preset's main sampling condition."""
+    from bench.report.tables import main_rows
+
+    df = main_rows(df)
     paths = []
     for dataset, preset in sorted(df[["dataset", "preset"]].drop_duplicates().itertuples(index=False)):
         for kind, make in (("tradeoff", tradeoff_figure), ("wallclock", wallclock_figure)):

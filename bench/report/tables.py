@@ -20,7 +20,9 @@ from bench.store import atomic_write_text
 
 ORIGINAL = "original"  # the untouched teacher: the first row, the reference every method is read against
 REFERENCE = "sfd"  # the benchmark's reference method: the row right after `original`
-GROUP = ["dataset", "forget_set", "preset"]  # one table per group: fd_judge only compares within one
+# One table per group: fd_judge only compares within one, and a sampling condition (the `condition` of a row:
+# "guidance 3") is a protocol of its own.
+GROUP = ["dataset", "forget_set", "preset", "condition"]
 KINDS = {"unlearning": "unlearning and quality", "cost": "cost"}
 COST_EVALUATORS = {"wallclock"}  # their metrics go to the cost table, all others to the unlearning table
 
@@ -56,6 +58,36 @@ UNIT_LABELS = {"img/s": "", "evals/img": ""}  # units the label already says
 
 def metric_key(df: pd.DataFrame) -> pd.Series:
     return df["metric"].astype(str) + "[" + df["subset"].astype(str) + "]"
+
+
+def with_condition(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with their sampling condition ("" for rows written before runs had conditions)."""
+    if "condition" not in df.columns:
+        return df.assign(condition="")
+    return df.assign(condition=df["condition"].fillna("").astype(str))
+
+
+def main_condition(preset: str, seen: Iterable[str]) -> str:
+    """The preset's main sampling condition (its papers' protocol) among those `seen`; else the first seen."""
+    from bench.errors import BenchError
+    from bench.presets import condition_name, get_preset
+
+    seen = sorted(set(seen), key=natural_key)
+    try:
+        main = condition_name(get_preset(preset).guidance)
+    except BenchError:  # a preset of another version of the harness
+        main = ""
+    return main if main in seen else (seen[0] if seen else "")
+
+
+def main_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each preset's main sampling condition (the figures and the table across forget classes show the
+    main protocol; the per-forget-set tables show every condition)."""
+    df = with_condition(df)
+    if df.empty:
+        return df
+    main = {p: main_condition(p, part["condition"]) for p, part in df.groupby("preset")}
+    return df[df["condition"] == df["preset"].map(main)]
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
@@ -98,7 +130,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, forget set, preset, method, metric[subset]): mean, std (ddof 1), count, and the 95%
     interval (ci_low, ci_high): the Student-t interval over the runs (seeds) when there are several, else the one
     run's own (NaN where it has none)."""
-    df = df.assign(column=metric_key(df), value=df["value"].astype(float))
+    df = with_condition(df).assign(column=metric_key(df), value=df["value"].astype(float))
     for col in ("ci_low", "ci_high"):
         df[col] = pd.to_numeric(df[col]) if col in df.columns else np.nan
     g = df.groupby([*GROUP, "method", "column"], sort=False)
@@ -118,9 +150,13 @@ def column_order(summary: pd.DataFrame) -> list[str]:
     return [c for c in DISPLAY if c in seen] + [c for c in seen if c not in DISPLAY]
 
 
-def group_order(summary: pd.DataFrame) -> list[tuple[str, str, str]]:
-    groups = summary[GROUP].drop_duplicates().itertuples(index=False, name=None)
-    return sorted(groups, key=lambda g: [natural_key(v) for v in g])
+def group_order(summary: pd.DataFrame) -> list[tuple[str, ...]]:
+    """Groups in natural order, each preset's main sampling condition before its others."""
+    groups = list(summary[GROUP].drop_duplicates().itertuples(index=False, name=None))
+    main = {p: main_condition(p, [g[3] for g in groups if g[2] == p]) for p in {g[2] for g in groups}}
+    return sorted(
+        groups, key=lambda g: ([natural_key(v) for v in g[:3]], g[3] != main[g[2]], natural_key(g[3]))
+    )
 
 
 def wide_csv(summary: pd.DataFrame) -> pd.DataFrame:
@@ -136,7 +172,7 @@ def wide_csv(summary: pd.DataFrame) -> pd.DataFrame:
         out[f"{c}_ci_low"], out[f"{c}_ci_high"] = wide[("ci_low", c)], wide[("ci_high", c)]
     rows = []
     for group in group_order(summary):
-        present = [k[3] for k in out.index if k[:3] == group]
+        present = [k[len(GROUP)] for k in out.index if k[: len(GROUP)] == group]
         rows += [(*group, m) for m in method_order(present)]
     return out.reindex(pd.MultiIndex.from_tuples(rows, names=out.index.names)).reset_index()
 
@@ -185,6 +221,7 @@ class Table:
     dataset: str
     forget_set: str
     preset: str
+    condition: str  # how multi-step models were sampled ("guidance 3"; "" for rows made before conditions)
     kind: str
     methods: list[str]
     columns: list[Column]
@@ -200,7 +237,8 @@ class Table:
 
     @property
     def name(self) -> str:
-        return "_".join(safe(v) for v in (self.dataset, self.forget_set, self.preset, self.kind))
+        parts = (self.dataset, self.forget_set, self.preset, self.condition, self.kind)
+        return "_".join(safe(v) for v in parts if v)
 
     def rounded(self, method: str, col: Column) -> tuple[float, int] | None:
         v = self.mean.at[method, col.key]
@@ -289,7 +327,8 @@ def build_tables(summary: pd.DataFrame, tests: pd.DataFrame | None = None) -> li
                 c.key: column_decimals(piv["mean"][c.key] * (100 if c.percent else 1), c.percent)
                 for c in columns
             }
-            mine = {(k[3], k[4], k[5]): v for k, v in found.items() if k[:3] == tuple(group)}
+            n = len(GROUP)
+            mine = {k[n:]: v for k, v in found.items() if k[:n] == tuple(group)}
             tables.append(Table(*group, kind=kind, methods=methods, columns=columns, runs=runs.reindex(methods),
                                 mean=piv["mean"], std=piv["std"], count=piv["count"], decimals=places,
                                 low=piv["ci_low"], high=piv["ci_high"], tests=mine))  # fmt: skip
@@ -307,7 +346,8 @@ def make_column(key: str, meta: pd.Series) -> Column:
 
 
 def caption_text(t: Table) -> str:
-    return f"{t.dataset}, forget set {t.forget_set}, preset {t.preset}: {KINDS[t.kind]}"
+    sampled = f", multi-step models sampled at {t.condition} (one-step: none)" if t.condition else ""
+    return f"{t.dataset}, forget set {t.forget_set}, preset {t.preset}{sampled}: {KINDS[t.kind]}"
 
 
 INTERVAL_NOTE = (
