@@ -166,10 +166,11 @@ def plan(specs: list[RunSpec], results: Path, *, force: bool = False) -> Plan:
             runner.check_config(s, store.run_dir(results, s.run_id))
         if st in ("pending", "running"):
             out.active.append(s)
-        elif st == "done" and not force and runner.evaluated_as_planned(s, store.run_dir(results, s.run_id)):
-            # a broken results file raises here, naming itself
-            store.read_metrics(store.run_dir(results, s.run_id) / "metrics.jsonl")
-            out.done.append(s)
+        elif st == "done" and not force:
+            d = store.run_dir(results, s.run_id)
+            store.read_metrics(d / "metrics.jsonl")  # a broken results file raises here, naming itself
+            # evaluated under other sampling conditions than its preset's now: evaluated again
+            (out.done if runner.evaluated_as_planned(s, d) else out.todo).append(s)
         else:
             out.todo.append(s)
     return out

@@ -54,7 +54,8 @@ class Preset:
     judge: JudgeRecipe
     sampler_steps: int  # DDIM steps for multi-step models
     # Classifier-free guidance scale of multi-step models (1 = conditional only, no unconditional pass): the
-    # papers sample the teacher, SA, SalUn and ESD at 3 (their cond_scale 2) and SFD's generator without guidance.
+    # papers sample the teacher, SA, SalUn and ESD at 3, their cond_scale 2 (SA ddpm/README.md `sample.py
+    # --cond_scale 2.0`; SalUn DDPM `--cond_scale 2.0`), and SFD's generator without (SFD README:53, cond_scale 0).
     guidance: float
     eta: float  # DDIM eta (0 deterministic DDIM, 1 ancestral DDPM)
     eval_per_class: int  # generated images per class on the evaluation grid

@@ -203,7 +203,9 @@ def write_outcomes(directory: Path, outcomes: dict[str, tuple[Any, str]]) -> Non
     def tensor(v) -> torch.Tensor:
         t = torch.as_tensor(v).detach().cpu()
         # a copy each: a one-step generator's outcomes serve every sampling condition, one tensor under two keys
-        return (t.to(torch.uint8) if t.dtype in (torch.bool, torch.uint8) else t.double()).contiguous().clone()
+        return (
+            (t.to(torch.uint8) if t.dtype in (torch.bool, torch.uint8) else t.double()).contiguous().clone()
+        )
 
     tensors = {k: tensor(v) for k, (v, _) in outcomes.items()}
     tests = {k: test for k, (_, test) in outcomes.items()}

@@ -1,6 +1,6 @@
-"""ESD, SA, SalUn, SFR-on, GA, RL and EraseDiff on the shipped fashion-mnist teacher at the default preset: each at
-least halves the judge's accuracy on class-0 generations relative to `original` while retained classes stay
-recognisable (>= 0.6), or is a strict expected failure with its measured figures."""
+"""ESD, SA, SalUn, SFR-on, GA, RL and EraseDiff on the shipped fashion-mnist teacher at the default preset, sampled as
+the papers do (guidance 3): each at least halves the judge's accuracy on class-0 generations relative to `original`
+while retained classes stay recognisable (>= 0.6), or is a strict expected failure with its measured figures."""
 
 import pytest
 
@@ -8,11 +8,13 @@ from bench import store
 from bench.config import RunSpec
 from bench.context import Runtime
 from bench.models import store as model_store
+from bench.presets import condition_name, get_preset
 from bench.runner import execute
 
 pytestmark = pytest.mark.slow
 
 BASELINES = ("esd", "sa", "salun", "sfron", "ga", "rl", "erasediff")
+MAIN = condition_name(get_preset("default").guidance)  # the papers' protocol: guidance 3
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,9 @@ def figures(tmp_path_factory):
                 method=method, dataset="fashion-mnist", forget_set="class-0", seed=0, preset="default"
             )
             rows = store.read_metrics(execute(spec, results, Runtime(progress=False)) / "metrics.jsonl")
-            out[method] = {f"{r['metric']}[{r['subset']}]": r["value"] for r in rows}
+            out[method] = {
+                f"{r['metric']}[{r['subset']}]": r["value"] for r in rows if r["condition"] == MAIN
+            }
             print(method, out[method])
     finally:
         mp.undo()
@@ -40,32 +44,42 @@ def figures(tmp_path_factory):
 
 SA_AT_CPU_SCALE = pytest.mark.xfail(
     strict=True,
-    reason="measured: SA keeps class 0 at the default preset (forget accuracy 0.78 vs original 0.85 after 80 of "
-    "its 20k iterations; 0.81-0.83 before its replay was stored as the official 8-bit PNGs); reported in the README rather than tuned away from the paper. Strict: if SA starts "
-    "forgetting at this budget, this fails and the README must be updated.",
+    reason="measured: SA keeps class 0 at the default preset (forget accuracy 0.98 vs original 0.99 under the "
+    "papers' guidance 3; 0.81 vs 0.87 at guidance 1; after 80 of its 20k iterations); reported in the README rather "
+    "than tuned away from the paper. Strict: if SA starts forgetting at this budget, this fails and the README must "
+    "be updated.",
 )
 
 
 GA_COLLAPSES = pytest.mark.xfail(
     strict=True,
     reason="measured: GA (alpha 1, SalUn's --method ga) erases class 0 by its 15th iteration but takes the retained "
-    "classes with it (forget accuracy 0.01, retained 0.20, fd_judge 33.8 after 15 iterations): the unbounded ascent term "
-    "outweighs the retained one. Strict: if GA starts keeping the retained classes, this fails.",
+    "classes with it (forget accuracy 0.00, retained 0.55, fd_judge 23.2 at guidance 3; 0.01, 0.19, 36.4 at guidance "
+    "1): the unbounded ascent term outweighs the retained one. Strict: if GA starts keeping the retained classes, this "
+    "fails.",
 )
 ERASEDIFF_AT_CPU_SCALE = pytest.mark.xfail(
     strict=True,
-    reason="measured: EraseDiff keeps class 0 at the default preset (forget accuracy 0.83 vs original 0.85, retained "
-    "0.86, after 36 of its 288 upper steps): its upper forget term, 0.1 x a random-label MSE of about "
+    reason="measured: EraseDiff keeps class 0 at the default preset (forget accuracy 0.99 vs original 0.99 at "
+    "guidance 3, retained 0.99; 0.86 vs 0.87 at guidance 1; after 36 of its 288 upper steps): its upper forget term, 0.1 x a random-label MSE of about "
     "0.005, is tiny against the pixel-summed retained loss (about 8), and the lower-level steps are undone each "
     "round. Strict: if EraseDiff starts forgetting at this budget, this fails and the method card must be updated.",
 )
 RL_AT_CPU_SCALE = pytest.mark.xfail(
     strict=True,
-    reason="measured: RL with alpha rescaled as SalUn's (x12 at 1x16x16) keeps class 0 at 0.51 after 15 of its 1000 "
-    "iterations (retained 0.85, fd_judge 1.0; original 0.85); with the paper's alpha unscaled it erased class 0 "
+    reason="measured: RL with alpha rescaled as SalUn's (x12 at 1x16x16) keeps class 0 at 0.90 after 15 of its 1000 "
+    "iterations at guidance 3 (retained 1.00; original 0.99; at guidance 1: 0.53 vs 0.87); with the paper's alpha unscaled it erased class 0 "
     "(0.00) but kept only 0.65 of the retained classes. Strict: if RL starts forgetting at this budget, this fails.",
 )
+ESD_HIDES = pytest.mark.xfail(
+    strict=True,
+    reason="measured: under the papers' guidance 3 ESD's class 0 comes back (forget accuracy 0.90 vs original 0.99, "
+    "retained 0.99, after 500 of its 1000 iterations); at guidance 1 it is 0.40 vs 0.87 (retained 0.81), which "
+    "halves it: ESD weakens the conditional branch, and guidance amplifies what is left (the robustness suite "
+    "shows the same). Strict: if ESD starts forgetting under guidance 3, this fails and the README must be updated.",
+)
 EXPECTED_FAILURES = {
+    "esd": ESD_HIDES,
     "sa": SA_AT_CPU_SCALE,
     "ga": GA_COLLAPSES,
     "rl": RL_AT_CPU_SCALE,

@@ -9,10 +9,11 @@ import time
 import pytest
 import submitit
 
-from bench import clusters, launch, status, store
+from bench import clusters, launch, runner, status, store
 from bench.config import RunSpec
 from bench.context import Runtime
 from bench.errors import BenchError
+from bench.presets import get_preset
 
 
 def spec(seed: int = 0, **kw) -> RunSpec:
@@ -31,7 +32,7 @@ def finish(results, s: RunSpec) -> None:
         "subset": "all",
     }
     store.write_metrics(d / "metrics.jsonl", [row])
-    store.mark_done(d)
+    store.mark_done(d, conditions=runner.condition_names(get_preset(s.preset)))
 
 
 @pytest.mark.parametrize(("value", "minutes"), [(90, 90), ("90", 90), ("4:00:00", 240), ("1-0", 1440),

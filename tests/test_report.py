@@ -293,7 +293,7 @@ def test_report_on_a_smoke_sweep(smoke_report, capsys):
     md = (report / "table.md").read_text()
     assert md in out and str(report / "table.csv") in out
     for kind in ("unlearning", "cost"):
-        latex = (report / f"table_fashion-mnist_class-0_smoke_{kind}.tex").read_text()
+        latex = (report / f"table_fashion-mnist_class-0_smoke_guidance-1_{kind}.tex").read_text()
         assert all(rule in latex for rule in (r"\toprule", r"\midrule", r"\bottomrule"))
         assert list(latex_rows(latex)) == ["original", "sfd", "finetune"]
     # one seed: the CSV holds the raw values of the runs
@@ -487,3 +487,45 @@ def test_a_swept_oracle_is_still_the_oracle():
     assert tables.is_oracle("retrain[lr=1e-04]") and not tables.is_oracle("sfd[lr_generator=1e-05]")
     order = tables.method_order(["retrain[lr=1e-04]", "esd[lr=1e-05]", "sfd[lr_generator=1e-05]", "original"])
     assert order == ["original", "sfd[lr_generator=1e-05]", "esd[lr=1e-05]", "retrain[lr=1e-04]"]
+
+
+def test_each_sampling_condition_is_a_table_of_its_own_the_papers_protocol_first(tmp_path):
+    """Issue 12.4: rows sampled at guidance 3 and at guidance 1 are never averaged together; the preset's main
+    condition (the papers' guidance 3) comes first and alone feeds the figures; paired tests stay within one."""
+    root = tmp_path / "sweep"
+    figures = {"sfd": {"guidance 3": (0.01, 0.9), "guidance 1": (0.01, 0.9)},  # one-step: the same images
+               "esd": {"guidance 3": (0.91, 0.98), "guidance 1": (0.39, 0.77)}}  # fmt: skip
+    for method, by_condition in figures.items():
+        d = write_run(root, method, 0, {"accuracy[forget]": 0.0, "accuracy[retain]": 0.0})
+        rows = []
+        outcomes = {}
+        for condition, (af, ar) in by_condition.items():
+            for r in (json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()):
+                value = af if r["subset"] == "forget" else ar
+                guidance = None if method == "sfd" else float(condition.split()[1])
+                rows.append(r | {"value": value, "condition": condition, "guidance": guidance})
+            hits = np.arange(100) < round(100 * af)
+            outcomes[store.outcome_key("accuracy[forget]", condition)] = (
+                torch.as_tensor(hits),
+                stats.MCNEMAR,
+            )
+        store.write_metrics(d / "metrics.jsonl", rows)
+        store.write_outcomes(d, outcomes)
+        store.mark_done(d, conditions=["guidance 3", "guidance 1"])
+    report = make_report(root, tmp_path / "out")
+    title = (
+        "fashion-mnist, forget set class-0, preset default, multi-step models sampled at {} (one-step: none)"
+    )
+    first, second = title.format("guidance 3"), title.format("guidance 1")
+    assert report.markdown.index(first) < report.markdown.index(second)
+    at3, at1 = (md_cells(report.markdown, f"{t}: unlearning and quality") for t in (first, second))
+    assert at3["esd"][1] == "91.0" and at1["esd"][1] == "39.0"  # not their mean, 65
+    assert at3["sfd"][1] == at1["sfd"][1] == "**1.0**"
+    tests = pd.read_csv(tmp_path / "out" / "pairwise.csv")
+    assert sorted(tests.condition) == ["guidance 1", "guidance 3"]  # sfd against esd, once per condition
+    assert tests.set_index("condition").at["guidance 1", "n_pairs"] == 100
+    assert {p.name for p in (tmp_path / "out").glob("table_*guidance-1*.tex")} == {
+        "table_fashion-mnist_class-0_default_guidance-1_unlearning.tex"
+    }
+    main = tables.main_rows(load(root))
+    assert set(main["condition"]) == {"guidance 3"} and len(main) == 4

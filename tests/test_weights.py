@@ -231,9 +231,9 @@ def test_run_with_inception_clip_and_external_teacher(
     assert 0 <= fid["ci_low"] <= fid["ci_high"] and fid["ci_method"] == "bootstrap-200-shifted"
     assert clip["ci_low"] <= clip["value"] <= clip["ci_high"] and clip["ci_method"] == "bootstrap-1000"
     outcomes = store.read_outcomes(run)
-    assert outcomes["fid_inception[retain]"][0].shape == (200,) and outcomes["clip_score[forget]"][
-        0
-    ].shape == (2,)
+    at = fid["condition"]  # the smoke preset's one sampling condition
+    assert outcomes[store.outcome_key("fid_inception[retain]", at)][0].shape == (200,)
+    assert outcomes[store.outcome_key("clip_score[forget]", at)][0].shape == (2,)
     spec = json.loads((run / "spec.json").read_text())
     assert spec["teacher_path"] == str(teacher) and spec["options"]["inception_weights"] == str(inception)
     assert spec["teacher"]["path"] == str(teacher)
