@@ -27,6 +27,12 @@ ORACLE_STYLE = ("#000000", "*")
 FORGOTTEN = "#d62728"
 
 
+def sampled_at(rows: pd.DataFrame) -> str:
+    """ ", guidance 3" where the rows were sampled under one named condition (multi-step models; one-step: none)."""
+    found = set(rows["condition"]) if "condition" in rows.columns else set()
+    return f", {found.pop()}" if len(found) == 1 and "" not in found else ""
+
+
 def method_style(method: str) -> tuple[str, str]:
     """(colour, marker) of a method, the same in every figure: set by its place in the whole registry, not by
     which methods a figure happens to show."""
@@ -133,7 +139,8 @@ def tradeoff_figure(df: pd.DataFrame, dataset: str, preset: str) -> Figure | Non
                 labels.append(label)
     fig.legend(handles, labels, loc="outside right center", fontsize=9, title="method\n(mean and 95%\ninterval)",
                title_fontsize=8)  # fmt: skip
-    fig.suptitle(f"Forgetting versus quality: {dataset}, preset {preset}", fontsize=11)
+    mine = df[(df.dataset == dataset) & (df.preset == preset)]
+    fig.suptitle(f"Forgetting versus quality: {dataset}, preset {preset}{sampled_at(mine)}", fontsize=11)
     return fig
 
 
@@ -340,7 +347,9 @@ def write_figures(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -> lis
 
 def write_sample_grids(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -> list[Path]:
     paths, missing = [], []
-    runs = df[["run_id", "method", "dataset", "forget_set", "preset", "seed"]].drop_duplicates("run_id")
+    runs = df[["run_id", "method", "dataset", "forget_set", "preset", "seed", "condition"]].drop_duplicates(
+        "run_id"
+    )
     for (dataset, fs, preset, seed), group in runs.groupby(["dataset", "forget_set", "preset", "seed"]):
         grids = {}
         for row in group.itertuples(index=False):
@@ -360,7 +369,8 @@ def write_sample_grids(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -
             )
             continue
         class_names, forget = _classes(dataset, fs)
-        title = f"{dataset}, forget {fs}, preset {preset}, seed {seed} (image i of a class: the same noise in every row)"
+        title = (f"{dataset}, forget {fs}, preset {preset}{sampled_at(group)}, seed {seed} (image i of a class: the "
+                 "same noise in every row)")  # fmt: skip
         fig = sample_grid_figure(grids, class_names=class_names, forget=forget, title=title)
         paths += save(fig, out, f"samples_{safe(dataset)}_{safe(fs)}_{safe(preset)}_s{seed}")
     if missing:
