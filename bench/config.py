@@ -15,6 +15,33 @@ from typing import Any
 from bench.errors import BenchError
 
 SCHEMA_VERSION = 1
+# A setting of every method that has learning rates: multiplies each of them (`lr`, `lr_fake`, `lr_generator`, ...)
+# after the preset's scaling, so one sweep key scales SFD's two rates together (issue 15.5: sensitivity tables).
+LR_SCALE = "lr_scale"
+ALL = (
+    "all"  # `all.FIELD` in --set or a sweep file's [set]: that field of every method in the sweep that has it
+)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """The part of a Config field that --set parsing reads, for settings that are not Config fields (lr_scale)."""
+
+    name: str
+    default: Any
+
+
+def learning_rates(config_cls) -> list[str]:
+    """The Config's learning-rate fields: `lr` and `lr_*`."""
+    return [f.name for f in dataclasses.fields(config_cls) if f.name == "lr" or f.name.startswith("lr_")]
+
+
+def settings(config_cls) -> dict[str, Any]:
+    """name -> field (or _Setting) of everything --set may set on a method."""
+    found: dict[str, Any] = {f.name: f for f in dataclasses.fields(config_cls)}
+    if learning_rates(config_cls):
+        found[LR_SCALE] = _Setting(LR_SCALE, 1.0)
+    return found
 
 
 @dataclass(frozen=True)
@@ -80,17 +107,35 @@ def coerce(value: str, default: Any, *, where: str, flag: str = "--set") -> Any:
         raise BenchError(f"{flag} {where}={value}: expected a {type(default).__name__}") from e
 
 
-def _field(key: str, configs: dict[str, type], where: str) -> dataclasses.Field:
-    """The Config field `method.field` names, or an error naming `where` it was given and what is valid."""
+def _field(key: str, configs: dict[str, type], where: str) -> dataclasses.Field | _Setting:
+    """The Config field `method.field` names (for `all.field`: that of the first method having it), or an error
+    naming `where` it was given and what is valid."""
     method, dot, name = key.partition(".")
     if not dot:
         raise BenchError(f"{where}: expected method.field=value, e.g. sfd.lr=1e-4")
+    if method == ALL:
+        having = [m for m, c in configs.items() if name in settings(c)]
+        if not having:
+            raise BenchError(f"{where}: no method in --methods ({', '.join(configs)}) has a field {name!r}")
+        method = having[0]
     if method not in configs:
         raise BenchError(f"{where}: method {method!r} is not in --methods ({', '.join(configs)})")
-    fields = {f.name: f for f in dataclasses.fields(configs[method])}
+    fields = settings(configs[method])
     if name not in fields:
         raise BenchError(f"{where}: {method} has no field {name!r}; fields: {', '.join(fields)}")
     return fields[name]
+
+
+def _each_method(choices: Choices, configs: dict[str, type]) -> Choices:
+    """`all.FIELD` -> `METHOD.FIELD` for every method having the field (a method's own key wins)."""
+    out = {k: v for k, v in choices.items() if not k.startswith(f"{ALL}.")}
+    for key, value in choices.items():
+        if key.startswith(f"{ALL}."):
+            name = key.partition(".")[2]
+            for m, c in configs.items():
+                if name in settings(c):
+                    out.setdefault(f"{m}.{name}", value)
+    return out
 
 
 def parse_sets(items: list[str], configs: dict[str, type]) -> dict[str, dict[str, Any]]:
@@ -127,13 +172,14 @@ def expand_sets(choices: Choices, configs: dict[str, type]) -> dict[str, list[di
     """Alternatives -> per method, every combination of its own settings (the cartesian product), typed: a list
     of two values for one sfd field gives sfd two override sets and leaves every other method's runs alone."""
     typed: dict[str, list[tuple[str, list[Any]]]] = {}
-    for key, (values, flag) in choices.items():
+    for key, (values, flag) in _each_method(choices, configs).items():
         f = _field(key, configs, f"{flag} {key}")
         typed.setdefault(key.partition(".")[0], []).append(
             (f.name, [coerce(v, f.default, where=key, flag=flag) for v in values])
         )
+    # lr_scale 1 is no override: its runs are the unscaled ones (the same run ids, so a sweep folder reuses them).
     return {
-        method: [dict(zip([n for n, _ in fields], combo, strict=True))
+        method: [{n: v for n, v in zip([n for n, _ in fields], combo, strict=True) if (n, v) != (LR_SCALE, 1.0)}
                  for combo in itertools.product(*(vs for _, vs in fields))]
         for method, fields in typed.items()
     }  # fmt: skip
@@ -143,7 +189,14 @@ def resolve_config(method_cls, preset: str, overrides: dict[str, Any]):
     """Paper defaults, then the preset's scaling, then the user's overrides, validated."""
     scaled = method_cls.scaled.get(preset)
     values = {**(scaled.overrides if scaled else {}), **overrides}
+    scale = values.pop(LR_SCALE, 1.0)
+    if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+        raise BenchError(f"{method_cls.name}.{LR_SCALE}={scale!r}: must be a positive number")
     config = method_cls.Config(**values)
+    if scale != 1.0:
+        config = dataclasses.replace(
+            config, **{n: getattr(config, n) * scale for n in learning_rates(type(config))}
+        )
     validate_config(config, method_cls.name)
     return config
 

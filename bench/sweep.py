@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.config import Choices, _field
+from bench.config import ALL, Choices, _field
 from bench.errors import BenchError
 
 RECORD = "sweep.json"  # the resolved sweep, in the results folder
@@ -61,7 +61,7 @@ class Sweep:
         out: Choices = {}
         where = f"{self.path} [set]"
         for method, fields in self.sets.items():
-            if method not in configs:
+            if method not in configs and method != ALL:
                 continue
             for name, value in fields.items():
                 key = f"{method}.{name}"
@@ -165,15 +165,15 @@ def _check_sets(table: Any, path: Path) -> dict[str, dict[str, Any]]:
         if method == "slurm":
             raise BenchError(f"{where}: slurm settings belong in the cluster file (cluster = PATH.toml) or on the "
                              "command line (--set slurm.KEY=VALUE)")  # fmt: skip
-        try:
-            cls = METHODS.get(method)
-        except BenchError as e:
-            raise BenchError(f"{where}: {e}") from e
         if not isinstance(fields, dict):
             raise BenchError(f"{where} {method} = {fields!r}: expected {method}.FIELD = value")
+        try:  # all.FIELD: that field of every method of the sweep that has it
+            configs = {m: METHODS.get(m).Config for m in (METHODS if method == ALL else [method])}
+        except BenchError as e:
+            raise BenchError(f"{where}: {e}") from e
         for name, value in fields.items():
             key = f"{method}.{name}"
-            _field(key, {method: cls.Config}, f"{where} {key}")
+            _field(key, configs, f"{where} {key}")
             if isinstance(value, dict) or value == []:
                 raise BenchError(f"{where} {key} = {value!r}: expected a value or a non-empty list of values")
         out[method] = dict(fields)

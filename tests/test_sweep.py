@@ -276,3 +276,38 @@ def test_the_table_across_forget_classes(tmp_path):
     tex = paths[2].read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and "Student-$t$" in tex and "\\scriptsize" in tex
     assert across.write_across(df[df["forget_set"] == "class-0"], tmp_path / "none") == ("", [])
+
+
+def test_lr_scale_multiplies_every_learning_rate_of_every_method(tmp_path, fmnist_dir):
+    """Issue 15.5: all.lr_scale scales each method's learning rates (SFD's two together); scale 1 is the
+    unscaled run itself, and a method without a learning rate is left alone."""
+    from bench.config import resolve_config
+
+    specs = specs_of("--methods", "original,sfd,esd", "--set", "all.lr_scale=0.1,1,10", "--data-dir",
+                     str(fmnist_dir))  # fmt: skip
+    plain = {
+        s.method: s.run_id for s in specs_of("--methods", "original,sfd,esd", "--data-dir", str(fmnist_dir))
+    }
+    by = {}
+    for s in specs:
+        by.setdefault(s.method, []).append(s)
+    assert len(by["original"]) == 1 and len(by["sfd"]) == len(by["esd"]) == 3
+    for method, runs in by.items():
+        assert plain[method] in {s.run_id for s in runs}  # scale 1: the default run, not a copy of it
+    sfd = {dict(s.overrides).get("lr_scale", 1.0): resolve_config(METHODS.get("sfd"), "default", dict(s.overrides))
+           for s in by["sfd"]}  # fmt: skip
+    assert sfd[10.0].lr_fake == pytest.approx(10 * sfd[1.0].lr_fake) and sfd[
+        0.1
+    ].lr_generator == pytest.approx(0.1 * sfd[1.0].lr_generator)
+    assert sfd[10.0].iterations == sfd[1.0].iterations  # nothing but the learning rates
+    # the shipped sensitivity sweep: 11 methods x 3 scales, the scale-1 runs the default sweep's
+    sens = specs_of("--sweep", str(SWEEPS / "lr-sensitivity.toml"), "--data-dir", str(fmnist_dir))
+    assert len(sens) == 11 * 3
+    default = {s.run_id for s in specs_of("--data-dir", str(fmnist_dir))}
+    assert len({s.run_id for s in sens} & default) == 11
+    for bad, says in (("original.lr_scale=2", "original has no field 'lr_scale'"),
+                      ("all.nope=1", "no method in --methods .* has a field 'nope'"),
+                      ("sfd.lr_scale=-1", "sfd.lr_scale=-1.0: must be a positive number")):  # fmt: skip
+        with pytest.raises(BenchError, match=says):
+            for s in specs_of("--methods", "original,sfd", "--set", bad, "--data-dir", str(fmnist_dir)):
+                resolve_config(METHODS.get(s.method), s.preset, dict(s.overrides))
