@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from bench import store
 from bench.config import RunSpec
+from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,19 @@ class RunState:
     state: str  # one of STATES
     detail: str = ""
     log: str = ""
+
+
+def _other_conditions(d: Path) -> str:
+    """For a finished run evaluated under other sampling conditions than its preset's now, say so."""
+    from bench import runner
+
+    try:
+        spec = RunSpec.from_dict(json.loads((d / "spec.json").read_text()))
+        if runner.evaluated_as_planned(spec, d):
+            return ""
+    except (OSError, ValueError, KeyError, TypeError, BenchError):
+        return ""  # a broken record is for `bench run` and `bench report` to name
+    return "evaluated under other sampling conditions than its preset's now: the next `bench run` evaluates it again"
 
 
 def _expand_ids(job_id: str) -> list[str]:
@@ -150,7 +164,7 @@ def _state(rid: str, d: Path, job: dict, queue: dict[str, str]) -> RunState:
     if not d.is_dir():
         return RunState(rid, "new")
     if store.is_done(d):
-        return RunState(rid, "done", log=str(d))
+        return RunState(rid, "done", _other_conditions(d), log=str(d))
     log_path = job.get("stderr") or str(d)
     if (d / ERROR).is_file():  # written by the last attempt (launching and starting a run delete it)
         lines = [ln for ln in (d / ERROR).read_text().splitlines() if ln.strip()]

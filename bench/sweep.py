@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.config import ALL, Choices, _field
+from bench.config import ALL, LR_SCALE, Choices, _field
 from bench.errors import BenchError
 
 RECORD = "sweep.json"  # the resolved sweep, in the results folder
@@ -244,6 +244,8 @@ def label_swept(df: pd.DataFrame, dirs: dict[str, Path]) -> pd.DataFrame:
 
 def _effective(spec: dict[str, Any], key: str) -> Any:
     overrides = spec.get("overrides") or {}
+    if key == LR_SCALE:  # not a config field: no override is scale 1
+        return overrides.get(key, 1.0)
     return overrides[key] if key in overrides else (spec.get("config") or {}).get(key)
 
 

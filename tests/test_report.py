@@ -529,3 +529,34 @@ def test_each_sampling_condition_is_a_table_of_its_own_the_papers_protocol_first
     }
     main = tables.main_rows(load(root))
     assert set(main["condition"]) == {"guidance 3"} and len(main) == 4
+
+
+def test_runs_that_differ_by_lr_scale_get_a_sensitivity_table(tmp_path):
+    """Issue 15.5: a method at several lr_scale values is one row of the sensitivity table, a column per scale;
+    the unscaled run (no override) is scale 1."""
+    root = tmp_path / "sweep"
+    figures = {("sa", None): (0.98, 0.99), ("sa", 0.1): (0.99, 0.99), ("sa", 10.0): (0.10, 0.95),
+               ("sfd", None): (0.01, 0.86), ("sfd", 10.0): (0.50, 0.20), ("original", None): (0.99, 0.996)}  # fmt: skip
+    for (method, scale), (af, ar) in figures.items():
+        run_id = f"{method}-fashion-mnist-class-0-s0-default-{scale}"
+        rows = [{"run_id": run_id, "method": method, "dataset": "fashion-mnist", "forget_set": "class-0", "seed": 0,
+                 "evaluator": "forget_accuracy", "metric": "accuracy", "subset": subset, "value": value, "n": 100,
+                 "higher_is_better": subset == "retain", "unit": "", "preset": "default", "condition": "guidance 3",
+                 "evaluator_version": "1", "method_version": "1", "ci_low": value - 0.05, "ci_high": value + 0.01}
+                for subset, value in (("forget", af), ("retain", ar))]  # fmt: skip
+        d = store.run_dir(root, run_id)
+        store.write_metrics(d / "metrics.jsonl", rows)
+        (d / "spec.json").write_text(
+            json.dumps({"overrides": {"lr_scale": scale} if scale else {}, "config": {}})
+        )
+    report = make_report(root, tmp_path / "out")
+    md = (tmp_path / "out" / "lr_sensitivity.md").read_text()
+    assert md in report.markdown and "guidance 3: learning-rate sensitivity" in md
+    cells = md_cells(
+        md, "fashion-mnist, forget set class-0, preset default, guidance 3: learning-rate sensitivity"
+    )
+    assert set(cells) == {"sfd", "sa"}  # original was not swept
+    assert cells["sa"][:3] == ["99.0 [94.0, 100.0]", "98.0 [93.0, 99.0]", "10.0 [5.0, 11.0]"]  # x0.1, x1, x10
+    assert cells["sfd"][:3] == ["-", "1.0 [-4.0, 2.0]", "50.0 [45.0, 51.0]"]
+    csv = pd.read_csv(tmp_path / "out" / "lr_sensitivity.csv")
+    assert sorted(set(csv.scale)) == [0.1, 1.0, 10.0] and set(csv.method) == {"sa", "sfd"}

@@ -167,7 +167,7 @@ def test_multi_step_models_are_sampled_under_every_condition_one_step_generators
     import dataclasses
 
     import methods.finetune
-    from bench import launch, presets
+    from bench import launch, presets, status
 
     smoke = presets.PRESETS["smoke"]
     monkeypatch.setitem(
@@ -209,6 +209,8 @@ def test_multi_step_models_are_sampled_under_every_condition_one_step_generators
     monkeypatch.setitem(presets.PRESETS, "smoke", dataclasses.replace(smoke, guidance=3.0))
     spec, d, before = found["finetune"]
     assert launch.plan([spec], tmp_path).todo == [spec]
+    state = status.run_states(tmp_path, [spec.run_id])[spec.run_id]
+    assert state.state == "done" and "the next `bench run` evaluates it again" in state.detail
     monkeypatch.setattr(methods.finetune.Finetune, "unlearn", lambda *a: pytest.fail("unlearning ran again"))
     execute(spec, tmp_path, runtime)
     after = store.read_metrics(d / "metrics.jsonl")

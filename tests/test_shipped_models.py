@@ -83,7 +83,7 @@ def test_the_default_oracle_ships_and_retrain_loads_it(tmp_path, monkeypatch):
     assert all((Path(ctx.reused["path"]) / f).stat().st_size < 10 * 2**20 for f in manifest["files"])
 
 
-@pytest.mark.slow  # 200 DDIM-25 samples
+@pytest.mark.slow  # 200 samples with the default sampler
 def test_the_default_oracle_never_makes_the_forgotten_class(tmp_path, monkeypatch):
     """The oracle never saw class 0: asked for it, it makes something else; the retained classes it makes."""
     model, _ = _default_oracle(tmp_path, monkeypatch)

@@ -84,13 +84,14 @@ def read_time_to_forget(path: Path) -> tuple[pd.DataFrame, dict | None] | None:
 
 def make_report(results: Path, out: Path | None = None, *, strict: bool = False) -> Report:
     """Load, tabulate and plot; `out` defaults to RESULTS/report."""
-    from bench.report import across, plots, robustness, tables
+    from bench.report import across, plots, robustness, sensitivity, tables
 
     results = Path(results)
     df = load(results, strict=strict)
     out = Path(out) if out is not None else results / "report"
     markdown, paths = tables.write_tables(df, out, run_dirs(results), strict=strict)  # tests read the runs
     markdown, paths = across.extend(markdown, paths, df, out)  # across forget classes, when there are several
+    markdown, paths = sensitivity.extend(markdown, paths, df, out)  # lr_scale sweeps
     paths += plots.write_figures(df, out, run_dirs(results))
     markdown, paths = robustness.extend(markdown, paths, df, results, out)  # attacked runs (bench attack)
     # Issue 8's benchmark writes results/benchmarks/; a sweep folder is results/<sweep>, so look beside it too.

@@ -1,8 +1,8 @@
 """Paired tests between methods, from the per-image outcomes each run keeps (outcomes.safetensors).
 
 The evaluation grid draws image i of class c from the same seeded noise in every method, so two runs of one
-(dataset, forget set, preset, seed) sampled under one condition pair image by image, and runs with several seeds pool their pairs. Per metric,
-the test its evaluator named: the exact McNemar test for a rate (accuracy, to_anchor), the Wilcoxon signed-rank test
+(dataset, forget set, preset, seed) sampled under one condition pair image by image, and runs with several seeds
+pool their pairs. Per metric, the test its evaluator named: the exact McNemar test for a rate (accuracy, to_anchor), the Wilcoxon signed-rank test
 for a mean over images (prob, entropy, CLIP score), and a paired bootstrap for a Frechet distance (both runs'
 replicates come from the same resampled image indices; over seeds, the mean of the per-seed differences). Pairs are
 tested as they are, without a correction for the number of comparisons.
@@ -85,7 +85,7 @@ def compare(a: dict[int, tuple], b: dict[int, tuple], key: str, outcomes: Outcom
 
 
 def pairwise(df: pd.DataFrame, outcomes: Outcomes) -> pd.DataFrame:
-    """Every pair of methods on every metric with outcomes, per (dataset, forget set, preset): the test, its
+    """Every pair of methods on every metric with outcomes, per (dataset, forget set, preset, condition): the test, its
     statistic and p-value, whether p < ALPHA, the pairs (images, or samples per run for the bootstrap), the seeds
     pooled, and the difference a - b (of the means, or of the distances)."""
     from bench.report.tables import method_order, metric_key, with_condition

@@ -127,7 +127,7 @@ def natural_key(name: str) -> list:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, forget set, preset, method, metric[subset]): mean, std (ddof 1), count, and the 95%
+    """One row per (dataset, forget set, preset, condition, method, metric[subset]): mean, std (ddof 1), count, the 95%
     interval (ci_low, ci_high): the Student-t interval over the runs (seeds) when there are several, else the one
     run's own (NaN where it has none)."""
     df = with_condition(df).assign(column=metric_key(df), value=df["value"].astype(float))
