@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.tables import GROUP, fmt, method_order, summarize
+from bench.report.tables import GROUP, fmt, group_order, method_order, summarize
 from bench.store import atomic_write_text
 
 LABEL = re.compile(r"(?P<method>[^\[]+)\[lr_scale=(?P<scale>[^\],]+)\]")  # sweep.label_swept's label
@@ -60,7 +60,10 @@ def extend(markdown: str, paths: list[Path], df: pd.DataFrame, out: Path) -> tup
     summary = summarize_scales(df)
     if summary.empty:
         return markdown, paths
-    parts = [to_markdown(part, group) for group, part in summary.groupby(GROUP, sort=False)]
+    parts = [
+        to_markdown(summary[(summary[GROUP] == pd.Series(g, index=GROUP)).all(axis=1)], g)
+        for g in group_order(summary)
+    ]  # the main sampling condition first, as in the main tables
     written = [out / "lr_sensitivity.md", out / "lr_sensitivity.csv"]
     atomic_write_text(written[0], "\n".join(parts))
     cols = [*GROUP, "base", "scale", "column", "mean", "ci_low", "ci_high", "count"]
