@@ -18,9 +18,8 @@ SCHEMA_VERSION = 1
 # A setting of every method that has learning rates: multiplies each of them (`lr`, `lr_fake`, `lr_generator`, ...)
 # after the preset's scaling, so one sweep key scales SFD's two rates together (issue 15.5: sensitivity tables).
 LR_SCALE = "lr_scale"
-ALL = (
-    "all"  # `all.FIELD` in --set or a sweep file's [set]: that field of every method in the sweep that has it
-)
+# `all.FIELD` in --set or a sweep file's [set]: that field of every method in the sweep that has it.
+ALL = "all"
 
 
 @dataclass(frozen=True)
