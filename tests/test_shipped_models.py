@@ -1,6 +1,7 @@
 """The shipped fashion-mnist teacher, judge and retrain oracle: intact, as good as the README says, reproducible to
 load."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,40 @@ def test_the_default_oracle_never_makes_the_forgotten_class(tmp_path, monkeypatc
                                 per_class=20, device=torch.device("cpu"), seed=123)  # fmt: skip
     assert per_class[0] <= 0.2, per_class
     assert sum(per_class[1:]) / 9 >= 0.75, per_class
+
+
+def test_the_default_sweeps_per_teacher_caches_ship_and_are_read_from_there(tmp_path, monkeypatch):
+    """SA's replay and Fisher and sid's stage 1 of the shipped teacher ship, checksummed, with their command; an
+    empty user store reads them there (nothing is computed) and a corrupt copy is named."""
+    from bench.config import resolve_config
+    from bench.errors import BenchError
+    from bench.models.cache import is_cached, load_cached
+    from methods.sa import SelectiveAmnesia as SA
+    from methods.sfd import SiD
+
+    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "store"))
+    d, _ = _shipped()
+    teacher = store.load_teacher(d / "teacher")
+    sa = SA(resolve_config(SA, "default", {}))
+    assert sa.prepared(teacher)  # `bench run` prepares nothing for SA
+    sid = SiD(resolve_config(SiD, "default", {}))
+    path = sid.stage1_path(teacher, 0)
+    assert path.is_relative_to(tmp_path / "store") and is_cached(path)
+    tensors, record = load_cached(path, what="sid stage-1")
+    assert record["seconds"] > 0 and record["command"].startswith("python -m bench run --methods sid")
+    assert any(k.startswith("generator.") for k in tensors) and any(k.startswith("fake.") for k in tensors)
+    for cache in (*sa._cache_files(teacher), path):
+        shipped = store.SHIPPED / cache.relative_to(tmp_path / "store")
+        assert shipped.stat().st_size < 10 * 2**20
+    assert not (tmp_path / "store").exists()  # read, never written
+
+    broken = tmp_path / "shipped"  # a copy of the shipped store whose stage 1 lost a byte
+    relative = path.relative_to(tmp_path / "store")
+    (broken / relative).parent.mkdir(parents=True)
+    (broken / relative).write_bytes((store.SHIPPED / relative).read_bytes()[:-1])
+    (broken / relative).with_name(relative.name + ".json").write_bytes(
+        (store.SHIPPED / relative).with_name(relative.name + ".json").read_bytes()
+    )
+    monkeypatch.setattr(store, "SHIPPED", broken)
+    with pytest.raises(BenchError, match=re.escape(str(broken / relative))):
+        load_cached(path, what="sid stage-1")

@@ -1,5 +1,9 @@
 """Per-teacher caches in the model store (SA's replay and Fisher, SFD-Two-Stage's first stage): computed once,
-written atomically with a checksum record beside them, checked on every load, shared by parallel runs."""
+written atomically with a checksum record beside them, checked on every load, shared by parallel runs.
+
+The shipped store (bench/assets/models) holds those of the shipped teacher at the default preset, in the user
+store's layout, so that the default sweep does not compute them: a cache is read from there first, and written
+to the user store."""
 
 from __future__ import annotations
 
@@ -45,11 +49,36 @@ def read_record(path: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def shipped_copy(path: Path) -> Path | None:
+    """The shipped store's copy of a user-store cache path, where it ships one (None otherwise)."""
+    try:
+        relative = path.relative_to(store.user_store())
+    except ValueError:
+        return None
+    shipped = store.SHIPPED / relative
+    return shipped if cache_record(shipped).is_file() else None
+
+
+def located(path: Path) -> Path:
+    """Where a cache is read from: its shipped copy, else `path` itself (in the user store)."""
+    return shipped_copy(path) or path
+
+
+def is_cached(path: Path) -> bool:
+    found = located(path)
+    return found.is_file() and cache_record(found).is_file()
+
+
 def load_cached(path: Path, *, what: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """A cache file's tensors and record, checked against the sha256 recorded when it was written; None when
-    there is none (or it has no record: an older version wrote it, so it is computed again)."""
+    """A cache file's tensors and record (its shipped copy's if there is one), checked against the sha256 recorded
+    when it was written; None when there is none (or it has no record: an older version wrote it, so it is
+    computed again)."""
+    shipped = shipped_copy(path)
+    path = shipped or path
     record = cache_record(path)
-    remedy = f"delete {path} and {record.name} beside it (a cache: the next {what} run computes it again)"
+    remedy = (f"restore it (git checkout {path}), or delete it and {record.name} beside it (the next {what} run "
+              "computes it again into the user store)" if shipped else
+              f"delete {path} and {record.name} beside it (a cache: the next {what} run computes it again)")  # fmt: skip
     digest = read_record(path).get("sha256") if path.is_file() else None
     if not isinstance(digest, str):
         return None
