@@ -25,9 +25,8 @@ def figures(tmp_path_factory):
         pytest.skip("the shipped fashion-mnist teacher and judge are not there yet")
     results = tmp_path_factory.mktemp("baselines")
     mp = pytest.MonkeyPatch()
-    mp.setenv(
-        "BENCH_MODEL_DIR", str(tmp_path_factory.mktemp("models"))
-    )  # an empty user store: SA reads the shipped cache
+    # An empty user store: SA's replay and Fisher come from the shipped store, as in a fresh `bench run`.
+    mp.setenv("BENCH_MODEL_DIR", str(tmp_path_factory.mktemp("models")))
     out = {}
     try:
         for method in ("original", *BASELINES):
