@@ -1,5 +1,5 @@
-"""The shipped fashion-mnist teacher, judge and retrain oracle: intact, as good as the README says, reproducible to
-load."""
+"""The shipped fashion-mnist teacher, judge, retrain oracle and per-teacher caches: intact, as good as the README
+says, reproducible to load."""
 
 import re
 from pathlib import Path

@@ -59,13 +59,9 @@ def shipped_copy(path: Path) -> Path | None:
     return shipped if cache_record(shipped).is_file() else None
 
 
-def located(path: Path) -> Path:
-    """Where a cache is read from: its shipped copy, else `path` itself (in the user store)."""
-    return shipped_copy(path) or path
-
-
 def is_cached(path: Path) -> bool:
-    found = located(path)
+    """Whether the cache at `path` (a user-store path) exists, shipped or in the user store."""
+    found = shipped_copy(path) or path
     return found.is_file() and cache_record(found).is_file()
 
 
