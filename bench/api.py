@@ -189,6 +189,8 @@ class Method(ABC):
     # Whether unlearn() splits its global batch over the ranks of a multi-process run (ctx.world, see
     # bench/distributed.py); a method that does not is run by rank 0 alone.
     data_parallel: ClassVar[bool] = False
+    # Why `--budget-s` cannot run it ('' = it can: its `iterations` stop it; bench/budget.py).
+    not_budgeted: ClassVar[str] = ""
 
     def __init__(self, config):
         self.config = config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,18 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _budgets(value: str) -> list[float]:
+    try:
+        budgets = [float(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected comma-separated seconds, e.g. 15,30,60"
+        ) from None
+    if bad := [b for b in budgets if not (math.isfinite(b) and b > 0)]:
+        raise argparse.ArgumentTypeError(f"budget {bad[0]:g}: expected a positive number of seconds")
+    return list(dict.fromkeys(budgets))
+
+
 def _runtime_args(p: argparse.ArgumentParser, device: str | None = "cpu") -> None:
     p.add_argument("--device", default=device, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for model compute")
@@ -80,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated (default: class-0); all-classes: class-0 .. class-(K-1)")  # fmt: skip
     run.add_argument("--seeds", type=_seeds, default=None, help="comma-separated integers (default: 0)")
     run.add_argument("--preset", default=None, help="smoke, default or paper (default: default)")
+    run.add_argument("--budget-s", type=_budgets, default=None, metavar="S[,S...]",
+                     help="matched budgets: every method unlearns for S reference seconds (its iterations from the "
+                     "shipped calibration, bench/budget.py); several: one run per budget")  # fmt: skip
     run.add_argument("--evaluators", type=_csv, default=None, help="comma-separated (default: all)")
     run.add_argument("--launcher", default=None, choices=["inline", "local", "slurm"],
                      help="inline: in this process; local: --workers processes here; slurm: one job array")  # fmt: skip
@@ -230,7 +246,8 @@ def make_specs(args):
     combos = expand_sets(choices, configs)  # per method: every combination of its swept settings
     teacher = getattr(args, "teacher", None)
     teacher_path = str(teacher.expanduser().resolve()) if teacher else ""
-    specs = []
+    budgets = getattr(args, "budget_s", None) or [0.0]
+    specs, left_out = [], {}
     for ds_name in map(canonical_name, args.datasets):
         ds = make_dataset(ds_name, data_dir=args.data_dir, image_size=preset.image_size)
         data = ds.data_identity()["digest"]
@@ -241,18 +258,42 @@ def make_specs(args):
         names = forget_set_names(ds, args.forget_sets)
         for forget_set in {fs.name: fs for fs in map(ds.forget_set, names)}.values():
             fs_name = forget_set.name
-            for m in methods:
-                for overrides in combos.get(m, [{}]):
-                    # Fail on bad values before any run starts, so no earlier result is touched.
-                    classes[m](resolve_config(classes[m], args.preset, overrides)).validate(forget_set)
-                    for seed in args.seeds:
-                        specs.append(RunSpec(method=m, dataset=ds_name, forget_set=fs_name, seed=seed,
-                                             preset=args.preset, overrides=tuple(sorted(overrides.items())),
-                                             evaluators=evaluators, teacher_path=teacher_path,
-                                             options=options, data=data))  # fmt: skip
+            for m, overrides, budget_s in _budgeted(classes, combos, budgets, args.preset, ds_name, left_out):
+                # Fail on bad values before any run starts, so no earlier result is touched.
+                classes[m](resolve_config(classes[m], args.preset, overrides)).validate(forget_set)
+                for seed in args.seeds:
+                    specs.append(RunSpec(method=m, dataset=ds_name, forget_set=fs_name, seed=seed,
+                                         preset=args.preset, overrides=tuple(sorted(overrides.items())),
+                                         evaluators=evaluators, teacher_path=teacher_path,
+                                         options=options, data=data, budget_s=budget_s))  # fmt: skip
         if not args.dry_run:
             ds.check()
+    for (m, why), seconds in left_out.items():
+        log.warning("--budget-s %s: %s left out: %s", ",".join(f"{b:g}" for b in seconds), m, why)
+    if not specs:
+        raise BenchError("--budget-s: no method of the sweep can run these budgets (see above)")
     return list(dict.fromkeys(specs))  # 1e-5,1e-05 are one value, so one run
+
+
+def _budgeted(classes, combos, budgets, preset, dataset, left_out):
+    """(method, overrides, budget) per run of a forget set: the swept settings, and under --budget-s the
+    iterations each budget resolves to (bench/budget.py). A method that cannot run a budget is left out, and
+    why is collected in left_out[(method, why)] -> budgets."""
+    from bench import budget
+
+    for m, cls in classes.items():
+        for overrides in combos.get(m, [{}]):
+            for seconds in budgets:
+                if not seconds:
+                    yield m, overrides, 0.0
+                elif why := budget.fits(cls, preset, dataset, seconds):
+                    left_out.setdefault((m, why), []).append(seconds)
+                else:
+                    yield (
+                        m,
+                        {**overrides, **budget.overrides(cls, preset, dataset, seconds, overrides)},
+                        seconds,
+                    )
 
 
 def _evaluators(args) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
@@ -295,10 +336,18 @@ def summary_table(rows, results: Path | None = None) -> str:
     keep = ["accuracy[forget]", "accuracy[retain]", "to_anchor[forget]", "fd_judge[retain]", "unlearn_s[all]",
             "images_per_s[all]", "nfe[all]"]  # fmt: skip
     order = list(dict.fromkeys(df["method"]))
-    index = ["dataset", "forget_set", "condition", "method"]  # a row per sampling condition ("guidance 3")
+    # A row per sampling condition ("guidance 3"), and per budget under --budget-s.
+    index = [
+        "dataset",
+        "forget_set",
+        "condition",
+        *(["budget_s"] if "budget_s" in df.columns else []),
+        "method",
+    ]
+    df = df.fillna({"budget_s": 0.0}) if "budget_s" in df.columns else df
     table = df.pivot_table(index=index, columns="column", values="value", aggfunc="mean", sort=False)
     table = table[[c for c in keep if c in table.columns] + [c for c in table.columns if c not in keep]]
-    table = table.reindex(sorted(table.index, key=lambda i: (i[0], i[1], i[2], order.index(i[3]))))
+    table = table.reindex(sorted(table.index, key=lambda i: (*i[:-1], order.index(i[-1]))))
     seeds = df.groupby(index)["seed"].nunique()
     table.insert(0, "seeds", seeds.reindex(table.index).values)
     return table.to_string(float_format=lambda v: f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}")
@@ -328,7 +377,8 @@ def cmd_run(args) -> None:
     if args.dry_run:
         for s in specs:
             state = "todo" if s in plan.todo else "queued" if s in plan.active else "done"
-            settings = " ".join(f"{k}={v}" for k, v in s.overrides)
+            settings = " ".join([*([f"budget={s.budget_s:g}s"] if s.budget_s else []),
+                                 *(f"{k}={v}" for k, v in s.overrides)])  # fmt: skip
             print(f"  {state}  {s.run_id}{f'  {settings}' if settings else ''}")
         return
     if args.sweep_file and (record := sweep.write_record(args.results, args.sweep_file, specs)):

@@ -57,6 +57,9 @@ class RunSpec:
     teacher_path: str = ""  # an external diffusers teacher folder (absolute); "" = the model store's teacher
     options: tuple[tuple[str, str], ...] = ()  # evaluator options (weights paths), sorted (name, value)
     data: str = ""  # digest of the dataset's files (Dataset.data_identity): other data, another run id
+    # --budget-s: the reference seconds of unlearning compute this run was given (bench/budget.py); its overrides
+    # hold the iterations (and EMA decay) that budget resolved to. 0: the preset's own budget.
+    budget_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -64,7 +67,7 @@ class RunSpec:
         d["evaluators"] = list(self.evaluators)
         d["options"] = dict(self.options)
         # Left out when unset, so runs made before these fields existed keep their ids.
-        for key in ("teacher_path", "options", "data"):
+        for key in ("teacher_path", "options", "data", "budget_s"):
             if not d[key]:
                 del d[key]
         return d

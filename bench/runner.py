@@ -425,4 +425,5 @@ def _row(spec: RunSpec, ev, m: Measurement, method_cls, condition: str, fields: 
             "value": float(m.value), "n": int(m.n), "higher_is_better": m.metric.higher_is_better,
             "unit": m.metric.unit, "ci_low": low, "ci_high": high, "ci_method": m.ci_method or None,
             "preset": spec.preset, "condition": condition, "evaluator_version": ev.version,
-            "method_version": method_cls.version, **fields}  # fmt: skip
+            "method_version": method_cls.version, **({"budget_s": spec.budget_s} if spec.budget_s else {}),
+            **fields}  # fmt: skip

@@ -31,6 +31,7 @@ KEYS = {
     "forget_sets": "forget set names; all-classes = class-0 .. class-(K-1)",
     "seeds": "integers",
     "preset": "smoke, default or paper",
+    "budget_s": "seconds or a list of them: matched budgets (bench/budget.py), one run per budget",
     "evaluators": "evaluator names (default: all)",
     "set": "table of method settings, method.field = value or [value, ...] (a list: one run per value)",
     "results": "the sweep folder (default: results/<file name without .toml>)",
@@ -122,6 +123,20 @@ def load(path: Path) -> Sweep:
                     f"{where}: seed {bad[0]} is out of range ({SEEDS.start} .. {SEEDS.stop - 1})"
                 )
             value = list(dict.fromkeys(seeds))
+        elif key == "budget_s":
+            budgets = [value] if isinstance(value, int | float) and not isinstance(value, bool) else value
+            if (
+                not isinstance(budgets, list)
+                or not budgets
+                or any(
+                    isinstance(b, bool) or not isinstance(b, int | float) or not b > 0 or b == float("inf")
+                    for b in budgets
+                )
+            ):
+                raise BenchError(
+                    f"{where} = {value!r}: expected positive seconds or a list of them, e.g. [15, 30]"
+                )
+            value = list(dict.fromkeys(float(b) for b in budgets))
         elif key in TEXT or key in CHOICES or key == "results":
             if not isinstance(value, str) or not value:
                 raise BenchError(f"{where} = {value!r}: expected a string ({KEYS[key]})")
@@ -222,11 +237,13 @@ def label_swept(df: pd.DataFrame, dirs: dict[str, Path]) -> pd.DataFrame:
     settings common to all runs, and runs without a spec.json, keep the plain method name."""
     if df.empty or "run_id" not in df.columns:
         return df
-    by = [c for c in ("method", "dataset", "preset") if c in df.columns]
+    # Runs of one budget (--budget-s) are compared with each other, so the iterations a budget resolved to label
+    # nothing: the budget is a column of its own.
+    by = [c for c in ("method", "dataset", "preset", "budget_s") if c in df.columns]
     runs = df.drop_duplicates("run_id")
     specs = {rid: _read_spec(dirs.get(rid)) for rid in runs["run_id"]}
     labels: dict[str, str] = {}
-    for key, group in runs.groupby(by, sort=False):
+    for key, group in runs.groupby(by, sort=False, dropna=False):
         method, rids = key[0] if isinstance(key, tuple) else key, list(group["run_id"])
         names = sorted({k for rid in rids for k in specs[rid].get("overrides") or {}})
         value = {(rid, k): _effective(specs[rid], k) for rid in rids for k in names}

@@ -7,4 +7,5 @@ BENCHMARKS = {
     "paper_scale": "benchmarks.paper_scale",
     "time_to_forget": "benchmarks.time_to_forget",
     "robustness": "benchmarks.robustness",
+    "budget_calibration": "benchmarks.budget_calibration",
 }

@@ -69,6 +69,9 @@ class Retrain(Method):
     Config = RetrainConfig
     requires = frozenset({"retain"})
     oracle = True
+    not_budgeted = (
+        "the oracle, trained from scratch to its recipe: the reference, not a contender for a budget"
+    )
     scaled = {
         **{name: Scaled(_recipe(p.teacher), f"the {name} preset's teacher recipe and budget")
            for name, p in PRESETS.items() if name not in ("paper", "smoke")},

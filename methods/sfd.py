@@ -330,6 +330,9 @@ class SiD(SFD):
     paper = ("SiD distillation (Zhou et al., ICML 2024) of every class, the SFD repo's stage 1 (cifar10_sid.yml, "
              "--label_to_forget -1): the 'distilled but not unlearned' control")  # fmt: skip
     Config = SiDConfig
+    not_budgeted = (
+        "the distillation control, not unlearning: its model comes from the per-teacher stage-1 cache"
+    )
     scaled = {
         "smoke": SFD.scaled["smoke"],
         "default": Scaled(

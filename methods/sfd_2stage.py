@@ -46,6 +46,10 @@ class SFD2Stage(SFD):
     paper = ("SFD-Two Stage (Chen, Zhang & Zhou, ICLR 2025): SFD (cifar10_sfd_2stage.yml) from the stage-1 SiD "
              "distillation of every class (cifar10_sid.yml, --label_to_forget -1), cached per teacher")  # fmt: skip
     Config = SFD2StageConfig
+    not_budgeted = (
+        "two stages, the first (the whole teacher's SiD distillation) cached per teacher and shared by "
+        "its runs; a budget would have to be split between them, which the official code does not do"
+    )
     default_sweep = False  # the default sweep's 15-minute budget: run it by name
     scaled = {
         "smoke": SFD.scaled["smoke"],

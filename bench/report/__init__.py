@@ -47,7 +47,8 @@ def load(results: Path, *, strict: bool = False) -> pd.DataFrame:
             raise BenchError(f"non-numeric or non-finite values in {where}")
         log.warning("skipping rows with non-numeric or non-finite values: %s", where)
     df = label_swept(df.assign(value=value).drop(index=bad.index), run_dirs(results))  # sfd[lr=...] per value
-    dupes = df.drop_duplicates("run_id").duplicated(["method", "dataset", "forget_set", "preset", "seed"])
+    same = [c for c in ("method", "dataset", "forget_set", "preset", "seed", "budget_s") if c in df.columns]
+    dupes = df.drop_duplicates("run_id").duplicated(same)
     if dupes.any():
         log.warning("%d runs share a (method, dataset, forget set, preset, seed) with another run (different "
                     "--set overrides?); the tables average them together", int(dupes.sum()))  # fmt: skip
@@ -84,15 +85,23 @@ def read_time_to_forget(path: Path) -> tuple[pd.DataFrame, dict | None] | None:
 
 def make_report(results: Path, out: Path | None = None, *, strict: bool = False) -> Report:
     """Load, tabulate and plot; `out` defaults to RESULTS/report."""
-    from bench.report import across, plots, robustness, sensitivity, tables
+    from bench.report import across, budgets, plots, robustness, sensitivity, tables
 
     results = Path(results)
     df = load(results, strict=strict)
     out = Path(out) if out is not None else results / "report"
-    markdown, paths = tables.write_tables(df, out, run_dirs(results), strict=strict)  # tests read the runs
-    markdown, paths = across.extend(markdown, paths, df, out)  # across forget classes, when there are several
-    markdown, paths = sensitivity.extend(markdown, paths, df, out)  # lr_scale sweeps
-    paths += plots.write_figures(df, out, run_dirs(results))
+    df, budgeted = budgets.split(df)  # --budget-s runs: a table of their own
+    markdown, paths = "", []
+    if not df.empty:
+        markdown, paths = tables.write_tables(
+            df, out, run_dirs(results), strict=strict
+        )  # tests read the runs
+        markdown, paths = across.extend(
+            markdown, paths, df, out
+        )  # across forget classes, when there are several
+        markdown, paths = sensitivity.extend(markdown, paths, df, out)  # lr_scale sweeps
+        paths += plots.write_figures(df, out, run_dirs(results))
+    markdown, paths = budgets.extend(markdown, paths, budgeted, out)
     markdown, paths = robustness.extend(markdown, paths, df, results, out)  # attacked runs (bench attack)
     # Issue 8's benchmark writes results/benchmarks/; a sweep folder is results/<sweep>, so look beside it too.
     for candidate in (results / TIME_TO_FORGET, results.parent / TIME_TO_FORGET):
