@@ -62,6 +62,11 @@ def calibration(preset: str, dataset: str, path: Path | None = None) -> dict[str
     return table[k]["methods"]
 
 
+def calibrated(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """'preset/dataset' -> {method: costs} for every calibration in the file."""
+    return {k: v["methods"] for k, v in _read(path or CALIBRATION).items()}
+
+
 def not_budgeted(method_cls) -> str:
     """Why a method runs no budget ('' if it does)."""
     if method_cls.not_budgeted:

@@ -223,6 +223,19 @@ def cmd_show(args) -> None:
         print(f"    {field:<22} {default!s:<12} {source}{f'  [valid: {valid}]' if valid else ''}")
     for preset, s in card["scaled"].items():
         print(f"  preset {preset}: {json.dumps(s['overrides'])}\n    why: {s['why']}")
+    print(f"  --budget-s: {_budget_text(METHODS.get(args.name))}")
+
+
+def _budget_text(cls) -> str:
+    """What --budget-s does with a method: the calibrated costs it divides by, or why it runs no budget."""
+    from bench import budget
+
+    if why := budget.not_budgeted(cls):
+        return f"runs no budget: {why}"
+    costs = [f"{k} {c[cls.name]['fixed_s']:.1f} s + {c[cls.name]['per_iteration_s']:.3f} s per iteration"
+             for k, c in budget.calibrated().items() if cls.name in c]  # fmt: skip
+    return ("iterations = (S - fixed) / per iteration, EMA decay with them (bench/budget.py); calibrated: "
+            + ("; ".join(costs) or "no preset yet (python -m bench perf budget_calibration)"))  # fmt: skip
 
 
 def make_specs(args):
