@@ -99,6 +99,8 @@ def _cell(r, scale: float, d: int) -> str:
 
 def figure(part: pd.DataFrame, title: str):
     """Forget accuracy and fd_judge against the budget, a line per method with its 95% intervals."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     from bench.report.plots import error_bar, method_style, new_figure
 
     fig = new_figure(10, 3.8)
@@ -119,6 +121,10 @@ def figure(part: pd.DataFrame, title: str):
     acc.set_ylabel("forget accuracy, % (lower is better)")
     acc.set_ylim(-5, 105)
     fd.set_ylabel("fd_judge on retained classes (lower is better)")
+    fd.set_yscale("log")  # a collapsed method (ga) sits ten times above the rest
+    fd.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    fd.yaxis.set_major_formatter(ScalarFormatter())
+    fd.yaxis.set_minor_formatter(NullFormatter())
     for ax in axes.values():
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(part["budget"].unique()), [f"{b:g}" for b in sorted(part["budget"].unique())])
