@@ -39,6 +39,7 @@ def test_limits_counts_the_flops_of_each_step(in_tmp):
     assert "SFD iteration" in limits.table(figures)
 
 
+@pytest.mark.slow  # moved out of the fast suite (its 3-minute limit); runs in CI
 def test_sampling_compares_the_samplers_on_one_batch(in_tmp):
     figures = sampling.run(CPU, batch_size=4, ddpm_steps=10)
     rows = figures["rows"]

@@ -259,6 +259,7 @@ def test_smoke_trains_its_own_models_only_without_shipped_ones(tmp_path, monkeyp
     assert model_store.recipe_preset("cifar10", smoke) is get_preset("default")
 
 
+@pytest.mark.slow  # moved out of the fast suite (its 3-minute limit); runs in CI
 def test_smoke_run_on_cifar10_and_celeba(data_dir, tmp_path, capsys):
     results = tmp_path / "results"
     argv = ["run", "--datasets", "cifar10,celeba", "--methods", "original,sfd", "--preset", "smoke",

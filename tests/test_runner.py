@@ -63,6 +63,7 @@ def test_interrupted_evaluation_resumes_without_unlearning_again(
     assert spec_json["run_id"] == spec.run_id and spec_json["config"]["iterations"] == 4
 
 
+@pytest.mark.slow  # moved out of the fast suite (its 3-minute limit); runs in CI
 def test_killed_unlearning_resumes_from_its_state_dump(tmp_path, fmnist_dir, monkeypatch):
     spec = RunSpec(method="sfd", dataset="fashion-mnist", forget_set="class-0", seed=0, preset="smoke",
                    overrides=(("iterations", 6),))  # fmt: skip
@@ -158,6 +159,7 @@ def test_a_stored_oracle_is_loaded_and_the_rows_say_so(tmp_path, fmnist_dir, mon
     } == {"oracle"}
 
 
+@pytest.mark.slow  # moved out of the fast suite (its 3-minute limit); runs in CI
 def test_multi_step_models_are_sampled_under_every_condition_one_step_generators_once(
     tmp_path, fmnist_dir, monkeypatch
 ):

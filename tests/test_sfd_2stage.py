@@ -36,6 +36,7 @@ def test_sid_distils_once_for_every_forget_set(tmp_path, fmnist_dir, store, monk
     assert ctx.reused is None and same_weights(first.unet, fresh.unet)
 
 
+@pytest.mark.slow  # moved out of the fast suite (its 3-minute limit); runs in CI
 def test_sfd_2stage_starts_from_sids_cache_or_distils_stage_1_itself(
     tmp_path, fmnist_dir, store, monkeypatch
 ):

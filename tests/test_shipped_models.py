@@ -39,6 +39,7 @@ def test_judge_accuracy_on_real_fixture_images(fmnist_dir):
     assert acc >= 0.87
 
 
+@pytest.mark.slow  # moved out of the fast suite (its 3-minute limit); runs in CI
 def test_teacher_samples_are_recognised_per_class():
     d, _ = _shipped()
     teacher, judge = store.load_teacher(d / "teacher"), store.load_judge(d / "judge")

@@ -187,6 +187,7 @@ def test_the_shipped_sweeps(tmp_path, fmnist_dir):
 # A smoke sweep, run twice; its record and its report ---------------------------------------------------------
 
 
+@pytest.mark.slow  # moved out of the fast suite (its 3-minute limit); runs in CI
 def test_a_smoke_sweep_runs_once_records_itself_and_reports_a_row_per_value(tmp_path, fmnist_dir, capsys):
     results = tmp_path / "r"
     f = write(tmp_path / "smoke.toml", f'methods = ["finetune"]\npreset = "smoke"\nresults = "{results}"\n'
