@@ -197,7 +197,10 @@ def cmd_ls(args) -> None:
     print("datasets (forget sets):")
     for name in DATASETS:
         ds = DATASETS.get(name)()
-        print(f"  {name:<14} {', '.join([*ds.forget_sets(), 'all-classes'])}")
+        if getattr(ds, "captions", None) is not None:
+            print(f"  {name:<18} text-conditional tier: teacher only (bench pretrain), no methods yet (issue 17)")
+            continue
+        print(f"  {name:<18} {', '.join([*ds.forget_sets(), 'all-classes'])}")
     print("evaluators:")
     for name in EVALUATORS:
         ev = EVALUATORS.get(name)
@@ -263,6 +266,10 @@ def make_specs(args):
     specs, left_out = [], {}
     for ds_name in map(canonical_name, args.datasets):
         ds = make_dataset(ds_name, data_dir=args.data_dir, image_size=preset.image_size)
+        if getattr(ds, "captions", None) is not None:
+            raise BenchError(f"dataset {ds_name} is the text-conditional tier (issue 17): its teacher trains with "
+                             f"`bench pretrain --dataset {ds_name}`, and its methods and evaluators are not in "
+                             "this version yet; `bench run` takes the class-conditional datasets")  # fmt: skip
         data = ds.data_identity()["digest"]
         if teacher:  # checked against each dataset; it enters the runs' identity as an absolute path
             check_external_teacher(teacher, dataset=ds_name, image_size=ds.image_size, channels=ds.channels,

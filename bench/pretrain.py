@@ -228,6 +228,13 @@ def pretrain_named(dataset: str, preset: str, *, seed: int, out_root: Path, data
 
     data = make_dataset(dataset, data_dir=data_dir, image_size=get_preset(preset).image_size)
     recipe = store.recipe_preset(data.name, get_preset(preset), seed)  # the models runs at this preset use
+    if getattr(data, "captions", None) is not None:  # the text-conditional tier's teacher (bench/text)
+        from bench.text.model import text_recipe
+        from bench.text.pretrain import pretrain_text
+
+        torch.manual_seed(seed)
+        return pretrain_text(data, recipe, text_recipe(recipe.model_key), seed=seed, out_root=Path(out_root),
+                             device=Runtime(device=device).torch_device, amp=amp)  # fmt: skip
     world = distributed.init_job(device)
     torch_device = Runtime(device=distributed.rank_device(device, world)).torch_device
     torch.manual_seed(seed)

@@ -113,8 +113,9 @@ def load_state(path: Path, *, remedy: str = "") -> dict:
         raise BenchError(f"cannot load training state {path} (truncated or tampered?): {e}; {remedy}") from e
 
 
-def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator, *, device: torch.device,
-              amp: bool = False, reduction: str = "mean", antithetic: bool = False, shard=None) -> torch.Tensor:  # fmt: skip
+def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, g: torch.Generator, *,
+              device: torch.device, amp: bool = False, reduction: str = "mean", antithetic: bool = False, shard=None,
+              context: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The DDPM denoising loss ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t, c)||^2, t ~ U{0..999}.
 
     `reduction`: "mean" over every element, "sum" over each image's pixels then mean over the batch (the official
@@ -122,6 +123,7 @@ def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, g: torch.
     `antithetic`: t for half the batch and 999 - t for the other half, as the official training loops draw it.
     Randomness (t, eps) comes from the CPU generator `g`, so a run is reproducible and resumable. `shard`
     (a data-parallel World's shard) takes this rank's slice of the global batch after all of it is drawn.
+    `context`: a text-conditional UNet's prompt hidden states (bench/text), in place of class labels.
     """
     from bench.models.unet import noise_schedule
 
@@ -133,11 +135,16 @@ def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor, g: torch.
         t = torch.randint(len(abar), (len(x0),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     if shard is not None:
-        x0, labels, t, noise = shard(x0), shard(labels), shard(t), shard(noise)
+        x0, t, noise = shard(x0), shard(t), shard(noise)
+        labels = labels if labels is None else shard(labels)
+        context = context if context is None else shard(context)
     a = abar[t].view(-1, 1, 1, 1)
     x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        pred = unet(x_t, t.to(device), class_labels=labels.to(device)).sample
+        if context is not None:
+            pred = unet(x_t, t.to(device), encoder_hidden_states=context).sample
+        else:
+            pred = unet(x_t, t.to(device), class_labels=labels.to(device)).sample
     err = (pred.float() - noise.to(device)) ** 2
     if reduction == "mean":
         return err.mean()

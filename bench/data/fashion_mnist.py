@@ -12,6 +12,7 @@ from bench.data.idx import read_idx
 from bench.data.imagefolder import data_root, data_roots
 from bench.errors import BenchError
 from bench.registry import DATASETS
+from bench.text.captions import FASHION_MNIST as FASHION_MNIST_CAPTIONS
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -76,3 +77,13 @@ class FashionMNIST(Dataset):
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise BenchError(f"Fashion-MNIST labels in {labels_path} lie outside 0..{self.num_classes - 1}")
         return images[..., None], labels.astype(np.int64)
+
+
+@DATASETS.register("fashion-mnist-text")
+class FashionMNISTText(FashionMNIST):
+    """Fashion-MNIST's images with templated captions (bench/text/captions.py): the text-conditional tier's
+    dataset. Its teacher is text-to-image; its judge is Fashion-MNIST's."""
+
+    name = "fashion-mnist-text"
+    image_dataset = "fashion-mnist"
+    captions = FASHION_MNIST_CAPTIONS
