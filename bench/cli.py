@@ -198,7 +198,9 @@ def cmd_ls(args) -> None:
     for name in DATASETS:
         ds = DATASETS.get(name)()
         if getattr(ds, "captions", None) is not None:
-            print(f"  {name:<18} text-conditional tier: teacher only (bench pretrain), no methods yet (issue 17)")
+            print(
+                f"  {name:<18} text-conditional tier: teacher only (bench pretrain), no methods yet (issue 17)"
+            )
             continue
         print(f"  {name:<18} {', '.join([*ds.forget_sets(), 'all-classes'])}")
     print("evaluators:")
