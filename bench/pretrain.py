@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from bench import distributed
 from bench.api import Dataset
 from bench.distributed import SINGLE, World
+from bench.errors import BenchError
 from bench.models import store
 from bench.models.judge import JudgeCNN, judge_probs
 from bench.models.unet import build_unet
@@ -228,15 +229,18 @@ def pretrain_named(dataset: str, preset: str, *, seed: int, out_root: Path, data
 
     data = make_dataset(dataset, data_dir=data_dir, image_size=get_preset(preset).image_size)
     recipe = store.recipe_preset(data.name, get_preset(preset), seed)  # the models runs at this preset use
+    world = distributed.init_job(device)
+    torch_device = Runtime(device=distributed.rank_device(device, world)).torch_device
+    torch.manual_seed(seed)
     if getattr(data, "captions", None) is not None:  # the text-conditional tier's teacher (bench/text)
         from bench.text.model import text_recipe
         from bench.text.pretrain import pretrain_text
 
-        torch.manual_seed(seed)
+        if world.size > 1:
+            raise BenchError(
+                f"{data.name}'s teacher trains in one process: drop --nproc (or the job's extra tasks)"
+            )
         return pretrain_text(data, recipe, text_recipe(recipe.model_key), seed=seed, out_root=Path(out_root),
-                             device=Runtime(device=device).torch_device, amp=amp)  # fmt: skip
-    world = distributed.init_job(device)
-    torch_device = Runtime(device=distributed.rank_device(device, world)).torch_device
-    torch.manual_seed(seed)
+                             device=torch_device, amp=amp)  # fmt: skip
     return pretrain(data, recipe, seed=seed, out_root=Path(out_root), device=torch_device, amp=amp,
                     world=world)  # fmt: skip
