@@ -109,7 +109,11 @@ def test_the_encoder_keeps_a_row_per_caption_token_and_one_for_the_rest(tmp_path
     assert torch.equal(again.encoder(["the bag"]), enc(["the bag"]))
     # Stable Diffusion's layout: the cross-attention that ESD-x trains and UCE edits is attn2, keyed by the text.
     assert any(n.endswith("attn2.to_k.weight") for n, _ in model.unet.named_parameters())
-    (tmp_path / "teacher" / "text_encoder" / "tokens.json").write_text("{")
+    tokens = tmp_path / "teacher" / "text_encoder" / "tokens.json"
+    tokens.write_text(json.dumps({"clip_bpe_ids": enc.token_ids[:-1]}))
+    with pytest.raises(BenchError, match="cannot load the text encoder in .*tokens for"):
+        TextDiffusionModel.load(tmp_path / "teacher")
+    tokens.write_text("{")
     with pytest.raises(BenchError, match="cannot load the text encoder in"):
         TextDiffusionModel.load(tmp_path / "teacher")
 

@@ -117,7 +117,12 @@ class PromptEncoder(nn.Module):
 
         try:
             ids = json.loads((directory / TOKENS_FILE).read_text())["clip_bpe_ids"]
-            return cls(CLIPTextModel.from_pretrained(directory, use_safetensors=True), ids)
+            text_model = CLIPTextModel.from_pretrained(directory, use_safetensors=True)
+            if len(ids) + 1 != text_model.config.vocab_size:
+                raise ValueError(
+                    f"{TOKENS_FILE} lists {len(ids)} tokens for {text_model.config.vocab_size} rows"
+                )
+            return cls(text_model, ids)
         except Exception as e:
             raise BenchError(f"cannot load the text encoder in {directory}: {e}") from e
 
