@@ -31,6 +31,20 @@ def image_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor,
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
+def ddim(eps, x: torch.Tensor, gens: list[torch.Generator], *, steps: int, eta: float) -> torch.Tensor:
+    """DDIM (eta 0) or ancestral (eta 1) sampling from noise `x` with the harness's schedule; `eps(x, t)` is the
+    (guided) noise prediction, and the fresh noise of eta > 0 comes from each image's own generator."""
+    scheduler = DDIMScheduler.from_config(noise_schedule().config)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        e = eps(x, t).float()
+        variance_noise = None
+        if eta > 0:
+            variance_noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+        x = scheduler.step(e, t, x, eta=eta, variance_noise=variance_noise).prev_sample
+    return x
+
+
 class Sampler(ABC):
     """A class-conditional generator of images in [-1, 1]; `kind` names how it is sampled."""
 
@@ -110,18 +124,7 @@ class DiffusionModel(Sampler):
         return uncond + guidance * (cond - uncond)
 
     def _sample_batch(self, noise, gens, labels, *, steps, guidance, eta, amp):
-        scheduler = DDIMScheduler.from_config(noise_schedule().config)
-        scheduler.set_timesteps(steps)
-        x = noise
-        for t in scheduler.timesteps:
-            eps = self.eps(x, t, labels, guidance).float()
-            variance_noise = None
-            if eta > 0:
-                variance_noise = torch.stack([torch.randn(self.image_shape, generator=g) for g in gens]).to(
-                    x.device
-                )
-            x = scheduler.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
-        return x
+        return ddim(lambda x, t: self.eps(x, t, labels, guidance), noise, gens, steps=steps, eta=eta)
 
 
 class OneStepGenerator(Sampler):

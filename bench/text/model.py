@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from torch import nn
 
 from bench.errors import BenchError
 from bench.files import share
-from bench.models.unet import noise_schedule
-from bench.sampling import autocast, image_noise
+from bench.sampling import autocast, ddim, image_noise
 from bench.text.captions import NULL_PROMPT
 from bench.text.tokenizer import MAX_LENGTH, clip_tokenizer
 
@@ -30,7 +30,10 @@ TOKENS_FILE = "tokens.json"
 
 @dataclass(frozen=True)
 class TextTeacherRecipe:
-    """The text teacher's networks and training (the default preset's; README "Text-conditional tier")."""
+    """The text teacher's networks and training at the default preset. No paper trains this model: the UNet's
+    widths and the training (steps, batch, lr, warm-up, EMA, 10% condition dropout) are the shipped class-conditional
+    teacher's (bench/presets.py _DEFAULT_TEACHER), with Stable Diffusion's cross-attention where that one has
+    self-attention; the text encoder's size is ours, the smallest CLIPTextModel that is not a single layer."""
 
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
@@ -183,24 +186,12 @@ class TextDiffusionModel:
             with autocast(device, amp):
                 context = self.encoder(prompts[i : i + batch_size])
                 null = self.encoder([NULL_PROMPT]) if guidance != 1.0 else None
-                x = self._ddim(noise.to(device), gens, context, null, steps=steps, guidance=guidance, eta=eta)
+                eps = partial(self.eps, context=context, null=null, guidance=guidance)
+                x = ddim(eps, noise.to(device), gens, steps=steps, eta=eta)
             out.append(x.float().clamp(-1, 1).cpu())
             if progress is not None:
                 progress(len(noise))
         return torch.cat(out)
-
-    def _ddim(self, x, gens, context, null, *, steps, guidance, eta):
-        scheduler = DDIMScheduler.from_config(noise_schedule().config)
-        scheduler.set_timesteps(steps)
-        for t in scheduler.timesteps:
-            eps = self.eps(x, t, context, null, guidance).float()
-            variance = None
-            if eta > 0:
-                variance = torch.stack([torch.randn(self.image_shape, generator=g) for g in gens]).to(
-                    x.device
-                )
-            x = scheduler.step(eps, t, x, eta=eta, variance_noise=variance).prev_sample
-        return x
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
