@@ -191,6 +191,10 @@ class Method(ABC):
     data_parallel: ClassVar[bool] = False
     # Why `--budget-s` cannot run it ('' = it can: its `iterations` stop it; bench/budget.py).
     not_budgeted: ClassVar[str] = ""
+    # The conditioning it edits: "class" (a class-conditional UNet2DModel) or "text" (the text tier's
+    # UNet2DConditionModel and its prompts, bench/text/), or "any". `bench run` pairs methods with datasets of
+    # their tier.
+    tier: ClassVar[str] = "class"
 
     def __init__(self, config):
         self.config = config
@@ -273,6 +277,9 @@ def param(default, source: str, valid: Range | tuple[str, ...] | None = None):
     return field(default=default, metadata={"source": source, "valid": valid})
 
 
+TRAIN_KIND = "train"  # the text tier's training prompts (bench.text.captions prompt kinds)
+
+
 @dataclass
 class SampleSet:
     """Generated images of the fixed evaluation grid, with what the runner measured while making them."""
@@ -283,6 +290,24 @@ class SampleSet:
     sample_s: float
     unlearn_s: float
     peak_mem_mb: float
+    # The text tier's prompt kind of each image (bench.text.captions: "train", "paraphrase"); None: class labels.
+    kinds: list[str] | None = None
+
+    def by_kind(self) -> dict[str, torch.Tensor]:
+        """The images per prompt kind, in grid order ({"": all of them} without kinds)."""
+        if self.kinds is None:
+            return {"": self.images}
+        kinds = np.array(self.kinds)
+        return {k: self.images[torch.from_numpy(kinds == k)] for k in dict.fromkeys(self.kinds)}
+
+    def of_kind(self, kind: str = TRAIN_KIND) -> SampleSet:
+        """The images of one prompt kind (all of them without kinds): what a class-tier metric reads on the text
+        tier is its training prompts' images."""
+        if self.kinds is None:
+            return self
+        keep = torch.from_numpy(np.array(self.kinds) == kind)
+        return SampleSet(self.images[keep], self.labels[keep], self.nfe, self.sample_s, self.unlearn_s,
+                         self.peak_mem_mb, [kind] * int(keep.sum()))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -189,18 +189,16 @@ def cmd_ls(args) -> None:
 
     reads = {frozenset(): "none", frozenset({"forget"}): "forget only", frozenset({"retain"}): "retained only",
              frozenset({"forget", "retain"}): "forget and retained"}  # fmt: skip
-    print(f"methods:\n  {'name':<12} {'real data':<20} paper")
+    print(f"methods:\n  {'name':<14} {'tier':<6} {'real data':<20} paper")
     for name in METHODS:
         cls = METHODS.get(name)
         oracle = "(oracle) " if cls.oracle else "" if cls.default_sweep else "(run by name) "
-        print(f"  {name:<12} {reads[frozenset(cls.requires)]:<20} {oracle}{cls.paper}")
+        print(f"  {name:<14} {cls.tier:<6} {reads[frozenset(cls.requires)]:<20} {oracle}{cls.paper}")
     print("datasets (forget sets):")
     for name in DATASETS:
         ds = DATASETS.get(name)()
-        if getattr(ds, "captions", None) is not None:
-            print(
-                f"  {name:<18} text-conditional tier: teacher only (bench pretrain), no methods yet (issue 17)"
-            )
+        if dataset_tier(ds) == "text":
+            print(f"  {name:<18} text tier: {', '.join(ds.forget_sets())} (or class-K)")
             continue
         print(f"  {name:<18} {', '.join([*ds.forget_sets(), 'all-classes'])}")
     print("evaluators:")
@@ -256,6 +254,15 @@ def make_specs(args):
         m for m in METHODS if not METHODS.get(m).oracle and METHODS.get(m).default_sweep
     ]
     classes = {m: METHODS.get(m) for m in methods}
+    datasets = {n: make_dataset(n, data_dir=args.data_dir, image_size=preset.image_size)
+                for n in map(canonical_name, args.datasets)}  # fmt: skip
+    tiers = {n: dataset_tier(ds) for n, ds in datasets.items()}
+    if args.methods:  # a method named for datasets none of which is of its tier is a mistake, not a skip
+        for m, cls in classes.items():
+            if not any(_fits(cls, t) for t in tiers.values()):
+                valid = [n for n in METHODS if any(_fits(METHODS.get(n), t) for t in tiers.values())]
+                raise BenchError(f"method {m} is of the {cls.tier} tier and --datasets {','.join(tiers)} of the "
+                                 f"{'/'.join(sorted(set(tiers.values())))} tier; valid: {', '.join(valid)}")  # fmt: skip
     evaluators, options = _evaluators(args)
     configs = {m: c.Config for m, c in classes.items()}
     sweep = getattr(args, "sweep_file", None)
@@ -266,12 +273,11 @@ def make_specs(args):
     teacher_path = str(teacher.expanduser().resolve()) if teacher else ""
     budgets = getattr(args, "budget_s", None) or [0.0]
     specs, left_out = [], {}
-    for ds_name in map(canonical_name, args.datasets):
-        ds = make_dataset(ds_name, data_dir=args.data_dir, image_size=preset.image_size)
-        if getattr(ds, "captions", None) is not None:
-            raise BenchError(f"dataset {ds_name} is the text-conditional tier (issue 17): its teacher trains with "
-                             f"`bench pretrain --dataset {ds_name}`, and its methods and evaluators are not in "
-                             "this version yet; `bench run` takes the class-conditional datasets")  # fmt: skip
+    for ds_name, ds in datasets.items():
+        if teacher and tiers[ds_name] == "text":
+            raise BenchError(f"--teacher takes a class-conditional teacher; {ds_name} is the text tier, whose "
+                             f"teacher comes from the model store (bench pretrain --dataset {ds_name})")  # fmt: skip
+        tier_classes = {m: cls for m, cls in classes.items() if _fits(cls, tiers[ds_name])}
         data = ds.data_identity()["digest"]
         if teacher:  # checked against each dataset; it enters the runs' identity as an absolute path
             check_external_teacher(teacher, dataset=ds_name, image_size=ds.image_size, channels=ds.channels,
@@ -280,7 +286,9 @@ def make_specs(args):
         names = forget_set_names(ds, args.forget_sets)
         for forget_set in {fs.name: fs for fs in map(ds.forget_set, names)}.values():
             fs_name = forget_set.name
-            for m, overrides, budget_s in _budgeted(classes, combos, budgets, args.preset, ds_name, left_out):
+            for m, overrides, budget_s in _budgeted(
+                tier_classes, combos, budgets, args.preset, ds_name, left_out
+            ):
                 # Fail on bad values before any run starts, so no earlier result is touched.
                 classes[m](resolve_config(classes[m], args.preset, overrides)).validate(forget_set)
                 for seed in args.seeds:
@@ -295,6 +303,15 @@ def make_specs(args):
     if not specs:
         raise BenchError("--budget-s: no method of the sweep can run these budgets (see above)")
     return list(dict.fromkeys(specs))  # 1e-5,1e-05 are one value, so one run
+
+
+def dataset_tier(dataset) -> str:
+    """ "text" for a dataset with captions (bench/text/), else "class"."""
+    return "text" if getattr(dataset, "captions", None) is not None else "class"
+
+
+def _fits(method_cls, tier: str) -> bool:
+    return method_cls.tier in (tier, "any")
 
 
 def _budgeted(classes, combos, budgets, preset, dataset, left_out):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench import distributed, store
-from bench.api import EvalContext, Measurement, SampleSet
+from bench.api import TRAIN_KIND, EvalContext, Measurement, SampleSet
 from bench.config import RunSpec, resolve_config
 from bench.context import RunContext, Runtime
 from bench.data import make_dataset
@@ -28,6 +28,7 @@ from bench.files import share
 from bench.models import store as model_store
 from bench.presets import condition_name, get_preset
 from bench.registry import EVALUATORS, METHODS
+from bench.text.run import is_text, load_text_models, text_eval_grid
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ def load_models(dataset, preset, *, teacher_path: str = "", device=None, amp: bo
     store (trained alone when missing).
     """
     device = device or torch.device("cpu")
+    if is_text(dataset):
+        if teacher_path:
+            raise BenchError(f"--teacher takes a class-conditional teacher; {dataset.name}'s text teacher comes from "
+                             "the model store")  # fmt: skip
+        return load_text_models(dataset, preset, seed=TEACHER_SEED, device=device, amp=amp)
     recipe = model_store.recipe_preset(dataset.name, preset, TEACHER_SEED)
     found = model_store.find_models(dataset.name, recipe.model_key, TEACHER_SEED)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
@@ -334,7 +340,11 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
             tmp.rename(model_dir)
             shutil.rmtree(d / "state", ignore_errors=True)
 
-    labels, seeds = eval_grid(dataset.num_classes, preset.eval_per_class, spec.seed)
+    if is_text(dataset):
+        conditions, labels, seeds, kinds = text_eval_grid(dataset.captions, preset.eval_per_class, spec.seed)
+    else:
+        labels, seeds = eval_grid(dataset.num_classes, preset.eval_per_class, spec.seed)
+        conditions, kinds = labels, None
     ectx = EvalContext(
         dataset=dataset,
         forget_set=forget_set,
@@ -350,16 +360,17 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     for guidance, names in sampling_plan(model, preset):
         t0 = time.perf_counter()
         with phases("sample"):
-            images = model.sample(labels, seeds, steps=preset.sampler_steps, guidance=guidance, eta=preset.eta,
+            images = model.sample(conditions, seeds, steps=preset.sampler_steps, guidance=guidance, eta=preset.eta,
                                   device=device, amp=runtime.amp)  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         sample_s = time.perf_counter() - t0
         _check_finite(images, spec, d, model_dir)
         samples = SampleSet(images=images, labels=labels, nfe=model.nfe(steps=preset.sampler_steps, guidance=guidance),
-                            sample_s=sample_s, unlearn_s=unlearn_s, peak_mem_mb=_peak_memory_mb(device))  # fmt: skip
+                            sample_s=sample_s, unlearn_s=unlearn_s, peak_mem_mb=_peak_memory_mb(device),
+                            kinds=kinds)  # fmt: skip
         if names[0] == condition_name(preset.guidance):  # the main protocol's images: the run's sample grid
-            _save_grid(images, dataset.num_classes, preset.eval_per_class, d, phases)
+            _save_grid(samples, dataset.num_classes, preset.eval_per_class, d, phases)
         sampled = sampling_fields(model, preset, guidance) | cached
         for ev in evaluators:
             with phases("evaluate"):
@@ -408,12 +419,16 @@ def _check_finite(images: torch.Tensor, spec: RunSpec, d: Path, model_dir: Path)
         )
 
 
-def _save_grid(images: torch.Tensor, num_classes: int, per_class: int, d: Path, phases: Phases) -> None:
-    """The first GRID_PER_CLASS images of each class as 8-bit pixels (`bench report`'s sample grids)."""
-    grid = images.view(num_classes, per_class, *images.shape[1:])[:, :GRID_PER_CLASS]
+def _save_grid(samples: SampleSet, num_classes: int, per_class: int, d: Path, phases: Phases) -> None:
+    """The first GRID_PER_CLASS images of each class as 8-bit pixels (`bench report`'s sample grids): `images`,
+    from the training prompts on the text tier, whose other prompt kinds get a grid each (`images_<kind>`)."""
+    grids = {}
+    for kind, images in samples.by_kind().items():
+        grid = images.view(num_classes, per_class, *images.shape[1:])[:, :GRID_PER_CLASS]
+        key = "images" if kind in ("", TRAIN_KIND) else f"images_{kind}"
+        grids[key] = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).contiguous()
     with phases("write"):
-        save_file({"images": ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).contiguous()},
-                  d / "samples.safetensors")  # fmt: skip
+        save_file(grids, d / "samples.safetensors")
         share(d / "samples.safetensors")
 
 

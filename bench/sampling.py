@@ -162,7 +162,12 @@ def load_sampler(directory: Path) -> Sampler:
     settings_file = directory / "sampler.json"
     try:
         settings = json.loads(settings_file.read_text())
-        cls = KINDS[settings.pop("kind")]
+        kind = settings.pop("kind")
+        if kind == "text-diffusion":  # the text tier's (bench.text.model imports this module)
+            from bench.text.model import TextDiffusionModel
+
+            return TextDiffusionModel.load(directory)
+        cls = KINDS[kind]
     except (OSError, ValueError, KeyError) as e:
         raise BenchError(f"cannot read model settings {settings_file}: {e!r}") from e
     try:

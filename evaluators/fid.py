@@ -314,6 +314,7 @@ class FID(Evaluator):
         return {"reference": f"{split} split, retained classes", "reference_n": n}
 
     def __call__(self, samples: SampleSet, ctx: EvalContext):
+        samples = samples.of_kind()  # the text tier: the training prompts' images
         retain = ctx.forget_set.retain
         keep = torch.isin(samples.labels, torch.tensor(retain))
         split = self.reference_split(ctx)

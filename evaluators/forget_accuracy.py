@@ -19,6 +19,11 @@ ACC_RETAIN = Metric("accuracy", "retain", higher_is_better=True)
 PROB_FORGET = Metric("prob", "forget", higher_is_better=False)
 ENTROPY_FORGET = Metric("entropy", "forget", higher_is_better=True, unit="nats")
 TO_ANCHOR = Metric("to_anchor", "forget", higher_is_better=True)
+# The text tier's (bench.text): the held-out paraphrases of the forgotten and the retained classes, and the
+# training prompts of the retained classes the forgotten ones are confused with (EraseBench-style spill-over).
+ACC_FORGET_PARAPHRASE = Metric("accuracy", "forget-paraphrase", higher_is_better=False)
+ACC_RETAIN_PARAPHRASE = Metric("accuracy", "retain-paraphrase", higher_is_better=True)
+ACC_NEIGHBOUR = Metric("accuracy", "neighbour", higher_is_better=True)
 
 
 def rate(metric: Metric, outcomes: torch.Tensor) -> Measurement:
@@ -40,13 +45,37 @@ class ForgetAccuracy(Evaluator):
     """accuracy (forget / retain subsets), and for the forgotten classes the judge's mean probability of the
     conditioning class and mean predictive entropy (as SA and SFD report them), and the fraction labelled as
     the anchor class: the one the method sent them to (Method.anchors: SFD's `anchor`, SalUn's relabel target),
-    or, when it sends them to random retained classes, any retained class."""
+    or, when it sends them to random retained classes, any retained class.
+
+    On the text tier these are the training prompts' figures, and three more say how far erasure reaches: the
+    accuracy on the paraphrases of the forgotten class (does it generalise beyond the words it was trained on?),
+    on the paraphrases of the retained classes, and on the training prompts of the forgotten class's neighbours
+    (not measured for a class without neighbours: bag)."""
 
     name = "forget_accuracy"
     version = "2"  # 2: intervals and per-image outcomes; rates are exact k/n
-    metrics = (ACC_FORGET, ACC_RETAIN, PROB_FORGET, ENTROPY_FORGET, TO_ANCHOR)
+    metrics = (ACC_FORGET, ACC_RETAIN, PROB_FORGET, ENTROPY_FORGET, TO_ANCHOR,
+               ACC_FORGET_PARAPHRASE, ACC_RETAIN_PARAPHRASE, ACC_NEIGHBOUR)  # fmt: skip
 
     def __call__(self, samples: SampleSet, ctx: EvalContext):
+        rows = self._training_prompts(samples.of_kind(), ctx)
+        if samples.kinds is not None:
+            rows += self._reach(samples, ctx)
+        return rows
+
+    def _reach(self, samples: SampleSet, ctx: EvalContext) -> list[Measurement]:
+        train, para = samples.of_kind(), samples.of_kind("paraphrase")
+        hit = judge_probs(ctx.judge, para.images, device=ctx.device).argmax(-1) == para.labels
+        forget = torch.isin(para.labels, torch.tensor(ctx.forget_set.forget))
+        rows = [rate(ACC_FORGET_PARAPHRASE, hit[forget]), rate(ACC_RETAIN_PARAPHRASE, hit[~forget])]
+        neighbours = ctx.forget_set.neighbours()
+        if neighbours:
+            near = torch.isin(train.labels, torch.tensor(neighbours))
+            pred = judge_probs(ctx.judge, train.images[near], device=ctx.device).argmax(-1)
+            rows.append(rate(ACC_NEIGHBOUR, pred == train.labels[near]))
+        return rows
+
+    def _training_prompts(self, samples: SampleSet, ctx: EvalContext) -> list[Measurement]:
         probs = judge_probs(ctx.judge, samples.images, device=ctx.device)
         pred = probs.argmax(-1)
         labels = samples.labels

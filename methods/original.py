@@ -18,6 +18,7 @@ class Original(Method):
     name = "original"
     paper = "none: the pretrained teacher before any unlearning (the 'Pretrained' row of SA, SalUn and SFD tables)"
     Config = OriginalConfig
+    tier = "any"  # the reference row of both tiers
     not_budgeted = "no unlearning: the teacher itself, the same at every budget"
 
     def unlearn(self, teacher, forget_set, ctx):

@@ -172,13 +172,3 @@ def test_pretraining_writes_a_checked_store_folder_with_the_judge_check_per_prom
     assert json.loads((out / "teacher" / "sampler.json").read_text()) == {"kind": "text-diffusion"}
     assert teacher.raw is not None and teacher.raw.raw is None
     assert not torch.equal(teacher.encoder(["a tee"]), teacher.raw.encoder(["a tee"]))
-
-
-def test_bench_run_refuses_the_text_dataset_until_its_methods_exist(fmnist_dir, capsys):
-    from bench.cli import main
-
-    assert (
-        main(["run", "--datasets", "fashion-mnist-text", "--data-dir", str(fmnist_dir.parent), "--dry-run"])
-        == 2
-    )
-    assert "text-conditional tier" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from bench.data.imagefolder import data_root, data_roots
 from bench.errors import BenchError
 from bench.registry import DATASETS
 from bench.text.captions import FASHION_MNIST as FASHION_MNIST_CAPTIONS
+from bench.text.concepts import ConceptForgetSet, concept_forget_set
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -87,3 +88,9 @@ class FashionMNISTText(FashionMNIST):
     name = "fashion-mnist-text"
     image_dataset = "fashion-mnist"
     captions = FASHION_MNIST_CAPTIONS
+
+    def forget_sets(self) -> list[str]:
+        return [f"concept-{slug}" for slug in self.captions.slugs()]
+
+    def forget_set(self, name: str) -> ConceptForgetSet:
+        return concept_forget_set(self.captions, name)

@@ -1,0 +1,62 @@
+"""What a run of the text tier does differently from a class-conditional one: its models (the text teacher from the
+model store, the image dataset's judge) and its evaluation grid (every class under its training prompts and under
+its held-out paraphrases, so the evaluators can ask whether erasure reached the words it was not trained on)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from bench.api import Dataset
+from bench.models import store
+from bench.presets import Preset
+from bench.text.captions import Captions
+from bench.text.model import TextDiffusionModel, text_recipe
+from bench.text.pretrain import KINDS, image_models, pretrain_text
+
+log = logging.getLogger(__name__)
+
+
+def is_text(dataset: Dataset) -> bool:
+    return getattr(dataset, "captions", None) is not None
+
+
+def load_text_models(dataset: Dataset, preset: Preset, *, seed: int, device: torch.device, amp: bool):
+    """(teacher, judge, info): the text teacher of the store (trained now into the user store when neither store
+    has it), checksum-verified, and the image dataset's judge."""
+    recipe = store.recipe_preset(dataset.name, preset, seed)
+    found = store.find_models(dataset.name, recipe.model_key, seed)
+    if found is None:
+        out = store.model_dir(store.user_store(), dataset.name, recipe.model_key, seed)
+        with store.locked(out):
+            if not (out / store.MANIFEST).is_file():
+                log.info("no text teacher for %s at preset %s: training it now into %s; later runs reuse it",
+                         dataset.name, recipe.model_key, out)  # fmt: skip
+                pretrain_text(dataset, recipe, text_recipe(recipe.model_key), seed=seed, out_root=store.user_store(),
+                              device=device, amp=amp, check_per_class=recipe.eval_per_class)  # fmt: skip
+        found = out
+    manifest = store.verify(found)
+    judge_dir = image_models(dataset, recipe, seed)
+    store.verify(judge_dir)
+    teacher = TextDiffusionModel.load(found / "teacher")
+    return teacher, store.load_judge(judge_dir / "judge"), {"path": str(found), "command": manifest.get("command"),
+                                                            "judge": str(judge_dir / "judge")}  # fmt: skip
+
+
+def text_eval_grid(
+    captions: Captions, per_class: int, seed: int
+) -> tuple[list[str], torch.Tensor, list[int], list[str]]:
+    """(prompts, labels, seeds, kinds) of the evaluation grid: per prompt kind (train, then paraphrase), per class,
+    `per_class` images cycling through the class's prompts of that kind. Image j of class c and kind k has the
+    same seed in every method (and the training prompts' images the seeds of the class tier's grid)."""
+    k_classes = len(captions.concepts)
+    prompts, labels, seeds, kinds = [], [], [], []
+    for i, kind in enumerate(KINDS):
+        for c in range(k_classes):
+            pool = captions.prompts(c, kind)
+            prompts += [pool[j % len(pool)] for j in range(per_class)]
+            labels += [c] * per_class
+            seeds += [seed * 10_000_019 + (i * k_classes + c) * 100_003 + j for j in range(per_class)]
+            kinds += [kind] * per_class
+    return prompts, torch.tensor(labels), seeds, kinds

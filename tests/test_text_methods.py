@@ -1,0 +1,205 @@
+"""The text tier's methods and runs (issue 17): concept forget sets, UCE's closed form, ESD's parameter sets and
+target, and `bench run` on fashion-mnist-text from method to the paraphrase and neighbour accuracies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench.errors import BenchError
+from bench.text.captions import FASHION_MNIST, NULL_PROMPT
+from bench.text.concepts import concept_forget_set
+from methods.text_esd import text_trainable
+from methods.text_uce import aligned_tokens, cross_attention_projections, uce_edit
+from tests.test_text import tiny_model
+
+
+def text_context(run_dir, forget_set):
+    from bench.context import RunContext, Runtime
+    from bench.data.fashion_mnist import FashionMNISTText
+    from bench.presets import get_preset
+
+    return RunContext(run_dir=run_dir, seed=0, preset=get_preset("smoke"), dataset=FashionMNISTText(image_size=8),
+                      forget_set=forget_set, requires=frozenset(), runtime=Runtime(progress=False))  # fmt: skip
+
+
+# Concept forget sets -----------------------------------------------------------------------------------------------
+
+
+def test_a_concept_forget_set_names_its_class_every_way_it_was_trained():
+    fs = concept_forget_set(FASHION_MNIST, "concept-t-shirt")
+    assert (fs.forget, fs.anchor, fs.retain) == ((0,), 1, tuple(range(1, 10)))
+    assert concept_forget_set(FASHION_MNIST, "class-0") == fs  # the class tier's name is an alias
+    assert fs.names() == ("t-shirt", "tee", "top")
+    assert set(fs.forget_prompts()) == set(FASHION_MNIST.prompts(0, "train"))
+    assert not set(fs.retain_prompts()) & set(fs.forget_prompts())
+    # ForgetPromptDataset's pairs: the same template with the anchor's name of the same rank.
+    pairs = fs.override_pairs()
+    assert ("a photo of a tee", "a photo of a pants") in pairs and ("top", "pair of jeans") in pairs
+    assert {o for _, o in pairs} <= set(FASHION_MNIST.prompts(1, "train"))
+    assert fs.neighbours() == (2, 6)
+    moved = fs.with_anchor(5)
+    assert (
+        moved.anchor == 5
+        and moved.captions is FASHION_MNIST
+        and moved.override_pairs()[0][1] == "a photo of a sandal"
+    )
+    assert concept_forget_set(FASHION_MNIST, "concept-bag").neighbours() == ()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("concept-zebra", "unknown concept 'zebra'; valid: t-shirt, trouser"),
+        ("class-12", "class 12 does not exist"),
+        ("forget-half", "valid: concept-t-shirt, concept-trouser"),
+    ],
+)
+def test_an_unknown_concept_lists_the_valid_ones(name, message):
+    with pytest.raises(BenchError, match=message):
+        concept_forget_set(FASHION_MNIST, name)
+
+
+# UCE ---------------------------------------------------------------------------------------------------------------
+
+
+def test_uces_edit_is_the_minimiser_of_its_objective():
+    g = torch.Generator().manual_seed(0)
+    w, erase, preserve = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 4), (3, 4), (6, 4)))
+    targets = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    kw = {"lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 0.1}
+    edited = uce_edit(w, erase, targets, preserve, **kw).requires_grad_(True)
+
+    def objective(v):
+        return (kw["lamb"] * (v - w).square().sum() + kw["erase_scale"] * (erase @ v.T - targets).square().sum()
+                + kw["preserve_scale"] * (preserve @ v.T - preserve @ w.T).square().sum())  # fmt: skip
+
+    objective(edited).backward()
+    assert edited.grad.abs().max() < 1e-9
+    assert objective(edited) < objective(w)  # and it moved: the erased tokens now map nearer their targets
+    assert (erase @ edited.detach().T - targets).norm() < (erase @ w.T - targets).norm()
+
+
+def test_uce_lines_up_each_name_with_its_guide_from_the_last_word_token_on():
+    enc = tiny_model().encoder
+    old, new = aligned_tokens(enc, ["tee", "pair of jeans"], [" ", "gown"])
+    # "tee": 1 word token, guide " ": 0 -> 77 - 1 tokens; "pair of jeans" (3) vs "gown" (1): 77 - 3 each.
+    assert old.shape == new.shape == (76 + 74, enc.width)
+    assert torch.equal(old[:76], enc(["tee"])[0, 1:77])
+    assert torch.equal(new[76:], enc(["gown"])[0, 1:75])
+
+
+def test_uce_edits_only_the_cross_attention_projections_and_moves_the_names_towards_the_guide(tmp_path):
+    from methods.text_uce import TextUCE, UCEConfig
+
+    teacher = tiny_model()
+    fs = concept_forget_set(FASHION_MNIST, "concept-trouser")
+    ctx = text_context(tmp_path, fs)
+    edited = TextUCE(UCEConfig()).unlearn(teacher, fs, ctx)
+    edited_names = {
+        n for n, m in edited.unet.named_modules() if m in cross_attention_projections(edited.unet)
+    }
+    changed = {n.rsplit(".", 1)[0] for (n, a), b in
+               zip(teacher.unet.named_parameters(), edited.unet.parameters(), strict=True) if not torch.equal(a, b)}  # fmt: skip
+    assert changed == edited_names and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in changed)
+    with torch.no_grad():
+        text, null = teacher.encoder(["pants", NULL_PROMPT])[:, None]
+        ratios = []
+        for before, after in zip(cross_attention_projections(teacher.unet), cross_attention_projections(edited.unet),
+                                 strict=True):  # fmt: skip
+            # "pants" keys and values nearer to how the blank guide's first token did (" " has no word token);
+            # partly, on this tiny encoder: lamb and the other erased and preserved tokens pull against it.
+            target = before(null[:, 0])
+            ratios.append(float((after(text[:, 1]) - target).norm() / (before(text[:, 1]) - target).norm()))
+    assert max(ratios) < 0.95 and sum(ratios) / len(ratios) < 0.7
+
+
+# ESD ---------------------------------------------------------------------------------------------------------------
+
+
+def test_esd_trains_the_official_scripts_parameter_sets():
+    names = [n for n, _ in tiny_model().unet.named_parameters()]
+    x = {n for n in names if text_trainable(n, "esd-x")}
+    u = {n for n in names if text_trainable(n, "esd-u")}
+    assert x and all(".attn2." in n for n in x) and not u & x
+    assert not any(n.startswith(("time_embedding", "conv_out", "conv_norm_out")) for n in u)
+    assert any(".attn1." in n for n in u) and any(n.startswith("conv_in") for n in u)
+    with pytest.raises(BenchError, match="expected one of esd-u, esd-x, full"):
+        text_trainable("conv_in.weight", "noxattn")
+
+
+def test_esd_x_moves_the_forget_prompts_prediction_towards_the_negatively_guided_target(tmp_path):
+    """One step of ESD-x at a large learning rate on a tiny teacher: only attn2 moves, and the loss against the
+    script's target eps(x, '') - eta [eps(x, p) - eps(x, '')] falls on the x_t it trained on."""
+    import dataclasses
+
+    from methods.text_esd import TextESDX, TextESDXConfig
+
+    teacher = tiny_model()
+    fs = concept_forget_set(FASHION_MNIST, "concept-bag")
+    cfg = dataclasses.replace(TextESDXConfig(), iterations=3, ddim_steps=4, lr=1e-3)
+    ctx = text_context(tmp_path, fs)
+    out = TextESDX(cfg).unlearn(teacher, fs, ctx)
+    for (n, a), b in zip(teacher.unet.named_parameters(), out.unet.parameters(), strict=True):
+        assert torch.equal(a, b) != (".attn2." in n and text_trainable(n, "esd-x")) or ".attn2.to_out" in n
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, *teacher.image_shape, generator=g)
+    t = torch.full((8,), 500)
+    with torch.no_grad():
+        c, null = teacher.encoder(["bag", NULL_PROMPT])
+        c, null = c.expand(8, -1, -1), null.expand(8, -1, -1)
+        eps_c, eps_0 = (teacher.unet(x, t, encoder_hidden_states=h).sample for h in (c, null))
+        target = eps_0 - cfg.eta * (eps_c - eps_0)
+        before = (eps_c - target).square().mean()
+        after = (out.unet(x, t, encoder_hidden_states=c).sample - target).square().mean()
+    assert after < before
+
+
+# `bench run` on the text tier ---------------------------------------------------------------------------------------
+
+
+def test_bench_run_pairs_methods_with_the_tier_of_their_dataset(fmnist_dir, capsys):
+    from bench.cli import main
+
+    base = ["run", "--data-dir", str(fmnist_dir.parent), "--dry-run"]
+    assert main([*base, "--datasets", "fashion-mnist-text", "--methods", "sfd"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "method sfd is of the class tier" in err
+        and "valid: original, text-esd-u, text-esd-x, text-finetune, text-uce\n" in err
+    )
+    assert main([*base, "--datasets", "fashion-mnist", "--methods", "text-uce"]) == 2
+    assert "valid: original, sfd" in capsys.readouterr().err
+    assert main([*base, "--datasets", "fashion-mnist-text", "--teacher", str(fmnist_dir)]) == 2
+    assert "--teacher takes a class-conditional teacher" in capsys.readouterr().err
+    # Both tiers in one sweep: each dataset gets the methods of its tier, `original` both.
+    assert (
+        main([*base, "--datasets", "fashion-mnist,fashion-mnist-text", "--methods", "original,sfd,text-uce"])
+        == 0
+    )
+    planned = capsys.readouterr().out
+    assert "text-uce" in planned and "sfd" in planned and planned.count("original") >= 2
+
+
+@pytest.mark.slow
+def test_uce_on_the_shipped_text_teacher_erases_the_concept_and_keeps_the_rest(tmp_path, fmnist_dir):
+    """The vertical slice, on the shipped teacher at the smoke protocol: the judge stops seeing trousers under
+    their training names and their paraphrases, and still sees the retained classes."""
+    from bench.cli import main
+    from bench.store import load_results
+
+    out = tmp_path / "results"
+    args = ["run", "--datasets", "fashion-mnist-text", "--forget-sets", "concept-trouser", "--preset", "smoke",
+            "--methods", "original,text-uce", "--evaluators", "forget_accuracy", "--data-dir", str(fmnist_dir.parent),
+            "--results", str(out)]  # fmt: skip
+    assert main(args) == 0
+    df = load_results(out)
+    acc = df[df.metric == "accuracy"].set_index(["method", "subset"]).value
+    acc = {m: acc[m].to_dict() for m in ("original", "text-uce")}
+    assert acc["original"]["forget"] > 0.9 and acc["original"]["forget-paraphrase"] > 0.8
+    assert acc["text-uce"]["forget"] < 0.3 and acc["text-uce"]["forget-paraphrase"] < 0.5
+    assert acc["text-uce"]["retain"] > 0.85 and acc["text-uce"]["neighbour"] > 0.8
+    for grid in out.rglob("samples.safetensors"):
+        images = load_file(grid)
+        assert set(images) == {"images", "images_paraphrase"} and images["images"].shape[:2] == (10, 8)
