@@ -28,6 +28,13 @@ from bench.text.tokenizer import MAX_LENGTH, clip_tokenizer
 TOKENS_FILE = "tokens.json"
 
 
+def _quiet_transformers() -> None:
+    """No progress bar per load and save of a 52-tensor encoder: a run's own bars say what it is doing."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 @dataclass(frozen=True)
 class TextTeacherRecipe:
     """The text teacher's networks and training at the default preset. No paper trains this model: the UNet's
@@ -110,6 +117,7 @@ class PromptEncoder(nn.Module):
         return self.text_model(input_ids=self.rows(prompts).to(device)).last_hidden_state
 
     def save(self, directory: Path) -> None:
+        _quiet_transformers()
         self.text_model.save_pretrained(directory, safe_serialization=True)
         (directory / TOKENS_FILE).write_text(json.dumps({"clip_bpe_ids": self.token_ids}) + "\n")
         share(directory)
@@ -118,6 +126,7 @@ class PromptEncoder(nn.Module):
     def load(cls, directory: Path) -> PromptEncoder:
         from transformers import CLIPTextModel
 
+        _quiet_transformers()
         try:
             ids = json.loads((directory / TOKENS_FILE).read_text())["clip_bpe_ids"]
             text_model = CLIPTextModel.from_pretrained(directory, use_safetensors=True)
