@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 FOLDER = "robustness"
 SUITE = "robustness"  # `--evaluators +robustness`: every attack
+# Why no attack applies to a text-tier run (bench/text): each probes class labels; the text tier's own attacks
+# (textual inversion, adversarial prompts) are not in this version.
+TEXT_TIER = "the attacks probe class labels; the text tier's (prompt attacks, textual inversion) are not in this version"
 DONE = "DONE"
 ROWS = "rows.jsonl"
 ERROR = "error.txt"
@@ -170,8 +173,9 @@ def _attack_one(run_dir: Path, name: str, loaded: _Loaded, runtime) -> str:
     dataset, forget_set, teacher, judge = loaded.models()
     model, _ = load_run_model(run_dir / "model")  # a fresh copy, checked against its checksums
     attack = cls(config)
-    reason = attack.applies(model)
-    skipped = attack.not_applicable(model)
+    text = model.kind == "text-diffusion"
+    reason = TEXT_TIER if text else attack.applies(model)
+    skipped = {} if text else attack.not_applicable(model)
     rows, t0 = [], time.perf_counter()
     d.mkdir(parents=True, exist_ok=True)
     if not reason:

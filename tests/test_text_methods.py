@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.errors import BenchError
+from bench.registry import ATTACKS
 from bench.text.captions import FASHION_MNIST, NULL_PROMPT
 from bench.text.concepts import concept_forget_set
 from methods.text_esd import text_trainable
@@ -183,7 +184,7 @@ def test_bench_run_pairs_methods_with_the_tier_of_their_dataset(fmnist_dir, caps
 
 
 @pytest.mark.slow
-def test_uce_on_the_shipped_text_teacher_erases_the_concept_and_keeps_the_rest(tmp_path, fmnist_dir):
+def test_uce_on_the_shipped_text_teacher_erases_the_concept_and_keeps_the_rest(tmp_path, fmnist_dir, capsys):
     """The vertical slice, on the shipped teacher at the smoke protocol: the judge stops seeing trousers under
     their training names and their paraphrases, and still sees the retained classes."""
     from bench.cli import main
@@ -205,3 +206,14 @@ def test_uce_on_the_shipped_text_teacher_erases_the_concept_and_keeps_the_rest(t
     for grid in out.rglob("samples.safetensors"):
         images = load_file(grid)
         assert set(images) == {"images", "images_paraphrase"} and images["images"].shape[:2] == (10, 8)
+    # `bench report` draws a sample grid per prompt kind.
+    assert main(["report", "--results", str(out)]) == 0
+    figures = {p.name for p in (out / "report").glob("samples_*.png")}
+    assert figures == {
+        f"samples_fashion-mnist-text_concept-trouser_smoke_s0{k}.png" for k in ("", "_paraphrase")
+    }
+    # The class tier's attacks say they do not apply, and write no row.
+    capsys.readouterr()
+    assert main(["attack", "--results", str(out), "--data-dir", str(fmnist_dir.parent)]) == 0
+    said = capsys.readouterr().out
+    assert said.count("does not apply: the attacks probe class labels") == 2 * len(list(ATTACKS))

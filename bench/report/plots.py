@@ -213,19 +213,32 @@ def seconds_text(v: float) -> str:
 # ---- sample grids ----------------------------------------------------------------------------------------
 
 
-def load_grid(path: Path) -> np.ndarray:
-    """A run's kept samples: uint8 (K classes, per class, C, H, W)."""
+def load_grid(path: Path, key: str = "images") -> np.ndarray:
+    """A run's kept samples: uint8 (K classes, per class, C, H, W); on the text tier `images` are the training
+    prompts' and `images_<kind>` the other prompt kinds' (bench.runner._save_grid)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
-        images = load_file(str(path))["images"]
+        images = load_file(str(path))[key]
     except (OSError, KeyError, ValueError, SafetensorError) as e:
-        raise BenchError(f"cannot read sample grid {path}: {e}") from e
+        raise BenchError(f"cannot read sample grid {path}: {e!r}") from e
     if images.ndim != 5 or images.dtype != np.uint8:
-        raise BenchError(f"sample grid {path} must hold uint8 'images' of shape (K, N, C, H, W), got "
+        raise BenchError(f"sample grid {path} must hold uint8 {key!r} of shape (K, N, C, H, W), got "
                          f"{images.dtype} {images.shape}")  # fmt: skip
     return images
+
+
+def grid_keys(path: Path) -> list[str]:
+    """The grids a samples file holds, `images` first (just `images` when it cannot be read: load_grid says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            keys = list(f.keys())
+    except (OSError, ValueError, SafetensorError):
+        return ["images"]
+    return sorted(keys, key=lambda k: (k != "images", k))
 
 
 def mosaic(images: np.ndarray, cols: int = 4, pad: int = 1) -> np.ndarray:
@@ -351,28 +364,32 @@ def write_sample_grids(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -
         "run_id"
     )
     for (dataset, fs, preset, seed), group in runs.groupby(["dataset", "forget_set", "preset", "seed"]):
-        grids = {}
+        grids: dict[str, dict[str, np.ndarray]] = {}  # grid key -> method -> images
         for row in group.itertuples(index=False):
             path = run_dirs.get(row.run_id, Path("/nonexistent")) / "samples.safetensors"
             if not path.is_file():
                 missing.append(row.run_id)
                 continue
-            try:
-                grids[row.method] = load_grid(path)
-            except BenchError as e:
-                log.warning("skipped: %s", e)
-        if not grids:
-            continue
-        if len({g.shape for g in grids.values()}) > 1:
-            log.warning(
-                "sample grids of %s/%s seed %s differ in shape; skipping that figure", dataset, fs, seed
+            for key in grid_keys(path):
+                try:
+                    grids.setdefault(key, {})[row.method] = load_grid(path, key)
+                except BenchError as e:
+                    log.warning("skipped: %s", e)
+        for key, by_method in grids.items():
+            if len({g.shape for g in by_method.values()}) > 1:
+                log.warning("sample grids of %s/%s seed %s differ in shape; skipping that figure", dataset, fs,
+                            seed)  # fmt: skip
+                continue
+            kind = key.removeprefix("images").lstrip("_")  # the text tier's prompt kinds: "" or "paraphrase"
+            class_names, forget = _classes(dataset, fs)
+            prompts = f", {kind} prompts" if kind else ""
+            title = (f"{dataset}, forget {fs}, preset {preset}{sampled_at(group)}, seed {seed}{prompts} (image i "
+                     "of a class: the same noise in every row)")  # fmt: skip
+            fig = sample_grid_figure(by_method, class_names=class_names, forget=forget, title=title)
+            name = f"samples_{safe(dataset)}_{safe(fs)}_{safe(preset)}_s{seed}" + (
+                f"_{safe(kind)}" if kind else ""
             )
-            continue
-        class_names, forget = _classes(dataset, fs)
-        title = (f"{dataset}, forget {fs}, preset {preset}{sampled_at(group)}, seed {seed} (image i of a class: the "
-                 "same noise in every row)")  # fmt: skip
-        fig = sample_grid_figure(grids, class_names=class_names, forget=forget, title=title)
-        paths += save(fig, out, f"samples_{safe(dataset)}_{safe(fs)}_{safe(preset)}_s{seed}")
+            paths += save(fig, out, name)
     if missing:
         log.info("%d runs kept no samples.safetensors (e.g. %s); the sample grids leave them out", len(missing),
                  missing[0])  # fmt: skip
