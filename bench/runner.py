@@ -27,8 +27,8 @@ from bench.errors import BenchError
 from bench.files import share
 from bench.models import store as model_store
 from bench.presets import condition_name, get_preset
-from bench.registry import EVALUATORS, METHODS
-from bench.text.run import is_text, load_text_models, text_eval_grid
+from bench.registry import DATASETS, EVALUATORS, METHODS
+from bench.text.run import is_text, load_text_models, per_kind, text_eval_grid
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         if evaluated_as_planned(spec, d):
             return d
         log.info("%s: evaluating its saved model again under %s (it was evaluated under %s)", spec.run_id,
-                 ", ".join(condition_names(preset)),
+                 ", ".join(condition_names(preset, spec.dataset)),
                  ", ".join(store.done_conditions(d) or ["the preset's guidance of its time"]))  # fmt: skip
         store.reopen(d)
     phases = Phases()
@@ -341,9 +341,11 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
             shutil.rmtree(d / "state", ignore_errors=True)
 
     if is_text(dataset):
-        conditions, labels, seeds, kinds = text_eval_grid(dataset.captions, preset.eval_per_class, spec.seed)
+        per_class = per_kind(preset)
+        conditions, labels, seeds, kinds = text_eval_grid(dataset.captions, per_class, spec.seed)
     else:
-        labels, seeds = eval_grid(dataset.num_classes, preset.eval_per_class, spec.seed)
+        per_class = preset.eval_per_class
+        labels, seeds = eval_grid(dataset.num_classes, per_class, spec.seed)
         conditions, kinds = labels, None
     ectx = EvalContext(
         dataset=dataset,
@@ -357,7 +359,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     # seconds it took when it was computed: unlearn_s is this run's own time.
     cached = {"reused": reused["what"] if reused else "", "reused_s": reused["seconds"] if reused else None}
     rows, outcomes = [], {}
-    for guidance, names in sampling_plan(model, preset):
+    for guidance, names in sampling_plan(model, preset, spec.dataset):
         t0 = time.perf_counter()
         with phases("sample"):
             images = model.sample(conditions, seeds, steps=preset.sampler_steps, guidance=guidance, eta=preset.eta,
@@ -370,7 +372,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
                             sample_s=sample_s, unlearn_s=unlearn_s, peak_mem_mb=_peak_memory_mb(device),
                             kinds=kinds)  # fmt: skip
         if names[0] == condition_name(preset.guidance):  # the main protocol's images: the run's sample grid
-            _save_grid(samples, dataset.num_classes, preset.eval_per_class, d, phases)
+            _save_grid(samples, dataset.num_classes, per_class, d, phases)
         sampled = sampling_fields(model, preset, guidance) | cached
         for ev in evaluators:
             with phases("evaluate"):
@@ -385,27 +387,36 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         store.write_outcomes(d, outcomes)  # before the metrics: DONE, written last, records both checksums
         store.write_metrics(d / "metrics.jsonl", rows)
     store.write_json(d / "timings.json", phases.summary())
-    store.mark_done(d, conditions=condition_names(preset))
+    store.mark_done(d, conditions=condition_names(preset, spec.dataset))
     return d
 
 
-def condition_names(preset) -> list[str]:
-    """The conditions every run of this preset is evaluated under (the `condition` of its rows), main first."""
-    return [condition_name(w) for w in preset.conditions]
+def guidances(preset, dataset: str = "") -> tuple[float, ...]:
+    """The guidance scales every run of this preset on `dataset` is evaluated at, main first. The text tier's runs
+    only at the main one: the others put multi-step models beside one-step generators, which that tier has none
+    of yet, and would double its sampling (the README's budget)."""
+    if dataset and is_text(DATASETS.get(dataset)):
+        return (preset.guidance,)
+    return preset.conditions
 
 
-def sampling_plan(model, preset) -> list[tuple[float, list[str]]]:
+def condition_names(preset, dataset: str = "") -> list[str]:
+    """The conditions every run of this preset on `dataset` is evaluated under (the `condition` of its rows)."""
+    return [condition_name(w) for w in guidances(preset, dataset)]
+
+
+def sampling_plan(model, preset, dataset: str = "") -> list[tuple[float, list[str]]]:
     """(guidance, the conditions its samples serve) per sampling of the evaluation grid: a multi-step model is
     sampled once per condition, a one-step generator once for all (it takes no guidance)."""
     if model.kind == "one-step":
-        return [(1.0, condition_names(preset))]
-    return [(w, [condition_name(w)]) for w in preset.conditions]
+        return [(1.0, condition_names(preset, dataset))]
+    return [(w, [condition_name(w)]) for w in guidances(preset, dataset)]
 
 
 def evaluated_as_planned(spec: RunSpec, d: Path) -> bool:
     """Whether a finished run was evaluated under the conditions its preset asks for now (a run finished before
     the default preset sampled at guidance 3 was not: the next `bench run` evaluates its saved model again)."""
-    return store.done_conditions(d) == condition_names(get_preset(spec.preset))
+    return store.done_conditions(d) == condition_names(get_preset(spec.preset), spec.dataset)
 
 
 def _check_finite(images: torch.Tensor, spec: RunSpec, d: Path, model_dir: Path) -> None:

@@ -153,3 +153,5 @@ class TextESDX(TextESD):
     name = "text-esd-x"
     paper = "Gandikota et al., Erasing Concepts from Diffusion Models, ICCV 2023; ESD-x, official SD script"
     Config = TextESDXConfig
+    # The paper's choice for styles; the default sweep erases objects (ESD-u's) within its 15-minute budget.
+    default_sweep = False

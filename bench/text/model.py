@@ -212,7 +212,9 @@ class TextDiffusionModel:
     @classmethod
     def load(cls, directory: Path) -> TextDiffusionModel:
         try:
-            unet = UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True)
+            unet = UNet2DConditionModel.from_pretrained(
+                directory / "unet", use_safetensors=True, low_cpu_mem_usage=False
+            )
         except Exception as e:
             raise BenchError(f"cannot load the UNet in {directory / 'unet'}: {e}") from e
         model = cls(unet, PromptEncoder.load(directory / "text_encoder"))

@@ -44,6 +44,12 @@ def load_text_models(dataset: Dataset, preset: Preset, *, seed: int, device: tor
                                                             "judge": str(judge_dir / "judge")}  # fmt: skip
 
 
+def per_kind(preset: Preset) -> int:
+    """Images per class and prompt kind: the preset's `eval_per_class` split over the kinds, so a text run samples
+    as many images as one condition of a class-conditional run (the default sweep's budget, README)."""
+    return max(1, preset.eval_per_class // len(KINDS))
+
+
 def text_eval_grid(
     captions: Captions, per_class: int, seed: int
 ) -> tuple[list[str], torch.Tensor, list[int], list[str]]:
