@@ -395,7 +395,7 @@ def guidances(preset, dataset: str = "") -> tuple[float, ...]:
     """The guidance scales every run of this preset on `dataset` is evaluated at, main first. The text tier's runs
     only at the main one: the others put multi-step models beside one-step generators, which that tier has none
     of yet, and would double its sampling (the README's budget)."""
-    if dataset and is_text(DATASETS.get(dataset)):
+    if dataset in DATASETS and is_text(DATASETS.get(dataset)):  # imagefolder:PATH is no registered name
         return (preset.guidance,)
     return preset.conditions
 

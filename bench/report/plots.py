@@ -44,7 +44,8 @@ def method_style(method: str) -> tuple[str, str]:
         return ORACLE_STYLE
     others = [m for m in method_order(METHODS.names()) if m != ORIGINAL and not is_oracle(m)]
     i = others.index(method) if method in others else len(others) + zlib.crc32(method.encode()) % 97
-    return PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]
+    # Past the palette's length the marker shifts by one per round, so every (colour, marker) pair stays distinct.
+    return PALETTE[i % len(PALETTE)], MARKERS[(i + i // len(PALETTE)) % len(MARKERS)]
 
 
 def new_figure(width: float, height: float) -> Figure:
