@@ -8,4 +8,5 @@ BENCHMARKS = {
     "time_to_forget": "benchmarks.time_to_forget",
     "robustness": "benchmarks.robustness",
     "budget_calibration": "benchmarks.budget_calibration",
+    "text_sweep": "benchmarks.text_sweep",
 }

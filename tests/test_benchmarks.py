@@ -99,3 +99,14 @@ def test_time_to_forget_probes_complete_default_runs(in_tmp):
 def test_perf_rejects_an_unknown_benchmark(capsys):
     assert main(["perf", "nope"]) != 0
     assert "limits" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_text_sweep_benchmark_times_every_run(in_tmp, fmnist_dir, monkeypatch):
+    from benchmarks import text_sweep
+
+    monkeypatch.setenv("BENCH_DATA_DIR", str(fmnist_dir.parent))
+    figures = text_sweep.run(CPU, preset="smoke", methods=("original", "text-uce"), out=in_tmp)
+    assert [r["method"] for r in figures["runs"]] == ["original", "text-uce"]
+    assert all(0 < r["sample_s"] <= r["total_s"] < figures["total_s"] for r in figures["runs"])
+    assert figures["within_budget"] and "text-uce" in text_sweep.table(figures)
