@@ -173,7 +173,7 @@ def _attack_one(run_dir: Path, name: str, loaded: _Loaded, runtime) -> str:
     dataset, forget_set, teacher, judge = loaded.models()
     model, _ = load_run_model(run_dir / "model")  # a fresh copy, checked against its checksums
     attack = cls(config)
-    text = model.kind == "text-diffusion"
+    text = model.kind.startswith("text-")
     reason = TEXT_TIER if text else attack.applies(model)
     skipped = {} if text else attack.not_applicable(model)
     rows, t0 = [], time.perf_counter()

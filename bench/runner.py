@@ -28,6 +28,7 @@ from bench.files import share
 from bench.models import store as model_store
 from bench.presets import condition_name, get_preset
 from bench.registry import DATASETS, EVALUATORS, METHODS
+from bench.sampling import is_one_step
 from bench.text.run import is_text, load_text_models, per_kind, text_eval_grid
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ def teacher_weights(method_cls, teacher) -> dict:
 def sampling_fields(model, preset, guidance: float | None = None, steps: int | None = None) -> dict:
     """How the images were sampled, carried by every row (guidance and steps: the preset's unless given): a
     one-step generator takes no steps or guidance."""
-    if model.kind == "one-step":
+    if is_one_step(model):
         return {"sampler": "one-step", "guidance": None}
     w = preset.guidance if guidance is None else guidance
     return {"sampler": f"ddim-{steps or preset.sampler_steps} eta {preset.eta:g}", "guidance": w}
@@ -408,7 +409,7 @@ def condition_names(preset, dataset: str = "") -> list[str]:
 def sampling_plan(model, preset, dataset: str = "") -> list[tuple[float, list[str]]]:
     """(guidance, the conditions its samples serve) per sampling of the evaluation grid: a multi-step model is
     sampled once per condition, a one-step generator once for all (it takes no guidance)."""
-    if model.kind == "one-step":
+    if is_one_step(model):
         return [(1.0, condition_names(preset, dataset))]
     return [(w, [condition_name(w)]) for w in guidances(preset, dataset)]
 

@@ -157,16 +157,23 @@ class OneStepGenerator(Sampler):
 KINDS = {cls.kind: cls for cls in (DiffusionModel, OneStepGenerator)}
 
 
+def is_one_step(model) -> bool:
+    """A one-step generator of either tier (OneStepGenerator, bench.text.model.TextOneStepGenerator)."""
+    return model.kind in ("one-step", "text-one-step")
+
+
 def load_sampler(directory: Path) -> Sampler:
     """Reload a saved model; a missing or corrupt file raises a BenchError that names it."""
     settings_file = directory / "sampler.json"
     try:
         settings = json.loads(settings_file.read_text())
         kind = settings.pop("kind")
-        if kind == "text-diffusion":  # the text tier's (bench.text.model imports this module)
-            from bench.text.model import TextDiffusionModel
+        if kind.startswith("text-"):  # the text tier's (bench.text.model imports this module)
+            from bench.text.model import TextDiffusionModel, TextOneStepGenerator
 
-            return TextDiffusionModel.load(directory)
+            return {"text-diffusion": TextDiffusionModel, "text-one-step": TextOneStepGenerator}[kind].load(
+                directory
+            )
         cls = KINDS[kind]
     except (OSError, ValueError, KeyError) as e:
         raise BenchError(f"cannot read model settings {settings_file}: {e!r}") from e

@@ -221,3 +221,60 @@ class TextDiffusionModel:
         if (directory / "raw" / "sampler.json").is_file():
             model.raw = cls.load(directory / "raw")
         return model
+
+
+class TextOneStepGenerator(TextDiffusionModel):
+    """SiD/SFD's one-step generator on the text teacher (SFD `SD/training/sd_util.py::sid_sd_sampler`): x_g = (b* z -
+    b* eps_theta(b* z, t*, p)) / a* at t* = `t_init`, unguided, one network evaluation per image."""
+
+    kind = "text-one-step"
+
+    def __init__(self, unet: UNet2DConditionModel, encoder: PromptEncoder, t_init: int = 625):
+        super().__init__(unet, encoder)
+        from bench.models.unet import noise_schedule
+
+        self.t_init = t_init
+        abar = noise_schedule().alphas_cumprod[t_init]
+        self.a, self.b = float(abar.sqrt()), float((1 - abar).sqrt())
+
+    def nfe(self, *, steps: int, guidance: float) -> int:
+        return 1
+
+    def generate(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The differentiable forward of training and sampling, given the prompts' hidden states."""
+        x_init = self.b * z
+        t = torch.full((len(z),), self.t_init, device=z.device)
+        return (x_init - self.b * self.unet(x_init, t, encoder_hidden_states=context).sample) / self.a
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], *, steps: int = 1, guidance: float = 1.0, eta: float = 0.0,
+               batch_size: int = 250, device: torch.device | str = "cpu", amp: bool = False,
+               progress=None) -> torch.Tensor:  # fmt: skip
+        """Images in [-1, 1], the i-th from the noise seeded by `seeds[i]` (steps and guidance do not apply)."""
+        device = torch.device(device)
+        self.unet.to(device).eval()
+        self.encoder.to(device).eval()
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            noise, _ = image_noise(seeds[i : i + batch_size], self.image_shape)
+            with autocast(device, amp):
+                x = self.generate(noise.to(device), self.encoder(prompts[i : i + batch_size]))
+            out.append(x.float().clamp(-1, 1).cpu())
+            if progress is not None:
+                progress(len(noise))
+        return torch.cat(out)
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        (directory / "sampler.json").write_text(
+            json.dumps({"kind": self.kind, "t_init": self.t_init}, indent=2)
+        )
+
+    @classmethod
+    def load(cls, directory: Path) -> TextOneStepGenerator:
+        model = TextDiffusionModel.load(directory)
+        try:
+            t_init = int(json.loads((directory / "sampler.json").read_text())["t_init"])
+        except (OSError, ValueError, KeyError) as e:
+            raise BenchError(f"cannot read model settings {directory / 'sampler.json'}: {e!r}") from e
+        return cls(model.unet, model.encoder, t_init=t_init)
