@@ -394,8 +394,8 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
 
 def guidances(preset, dataset: str = "") -> tuple[float, ...]:
     """The guidance scales every run of this preset on `dataset` is evaluated at, main first. The text tier's runs
-    only at the main one: the others put multi-step models beside one-step generators, which that tier has none
-    of yet, and would double its sampling (the README's budget)."""
+    only at the main one: another would double its sampling, the larger part of its default sweep's 15 minutes
+    (README); its one-step generator (text-sfd) is read beside the multi-step models at their main guidance."""
     if dataset in DATASETS and is_text(DATASETS.get(dataset)):  # imagefolder:PATH is no registered name
         return (preset.guidance,)
     return preset.conditions
