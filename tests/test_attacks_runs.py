@@ -18,6 +18,9 @@ from bench.errors import BenchError
 from bench.models.store import load_run_model
 from bench.registry import ATTACKS
 
+# End to end through the runs and the command line (about 25 s): in the slow set, still in CI.
+pytestmark = pytest.mark.slow
+
 
 class Killed(BaseException):
     """Stands for the process being killed (attack_run records an ordinary exception as a failed attack)."""

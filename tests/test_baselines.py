@@ -295,6 +295,7 @@ def test_retrain_keeps_its_oracle_and_the_next_run_loads_it(tmp_path, fmnist_dir
 # ---- The contract of every registered method --------------------------------------------------------------
 
 ALL = METHODS.names()
+SLOW_CONTRACTS = ("sfd", "sfd-2stage")  # the slowest (6-9 s each): in the slow set, still in CI
 CLASS_TIER = [m for m in ALL if METHODS.get(m).tier != "text"]  # the text tier's: tests/test_text_methods.py
 
 
@@ -316,7 +317,8 @@ def _run_in_store(name, tmp, data_dir, *, seed, checkpoint_every, kill_after, pr
     return cls(resolve_config(cls, "smoke", {})).unlearn(tiny_teacher(), ctx.forget_set, ctx)
 
 
-@pytest.mark.parametrize("name", CLASS_TIER)
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_CONTRACTS else m
+                                  for m in CLASS_TIER])  # fmt: skip
 def test_contract(name, tmp_path, fmnist_dir, monkeypatch):
     """A few smoke steps on a tiny teacher: the weights change (except `original`), a run killed after a state
     dump resumes to the very weights of an uninterrupted run with the same seed (so it is also deterministic),

@@ -70,6 +70,7 @@ def test_paper_architecture_has_the_official_size():
     assert sum(p.numel() for p in unet.parameters()) == 38_632_323
 
 
+@pytest.mark.slow
 def test_paper_scale_projects_from_the_largest_batch(in_tmp):
     figures = paper_scale.run(CPU, batch_sizes=(1, 2), iterations=1, recipe=TINY)
     big = figures["rows"][-1]

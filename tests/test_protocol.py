@@ -57,6 +57,7 @@ def test_methods_report_their_anchors():
     assert anchors("esd") == (1,)
 
 
+@pytest.mark.slow
 def test_the_run_records_and_scores_the_anchor_it_used(tmp_path, fmnist_dir):
     results = tmp_path / "r"
     argv = ["run", "--methods", "sfd", "--preset", "smoke", "--set", "sfd.anchor=3", "--results", str(results),

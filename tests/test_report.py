@@ -165,6 +165,7 @@ def test_partial_sweep_gives_rows_only_for_runs_that_exist(tmp_path):
     assert "preset smoke: unlearning" not in md and len(paths) == 2 + 4  # csv, md and 4 LaTeX tables
 
 
+@pytest.mark.slow
 def test_report_writes_figures_of_the_expected_size(hand, tmp_path, caplog):
     k = 10
     grid = np.zeros((k, 8, 1, 16, 16), dtype=np.uint8)

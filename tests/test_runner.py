@@ -91,6 +91,7 @@ def test_killed_unlearning_resumes_from_its_state_dump(tmp_path, fmnist_dir, mon
     assert not (resumed / "state").exists()  # the state dump is dropped once the model is saved
 
 
+@pytest.mark.slow
 def test_a_run_made_with_another_config_is_refused_not_reused(fmnist_dir, tmp_path, monkeypatch):
     """The run id hashes the spec; when the code's preset scaling changes, old results must not pass for new."""
     from bench import launch

@@ -52,6 +52,7 @@ def test_sfd_2stage_starts_from_sids_cache_or_distils_stage_1_itself(
     assert not same_weights(clean.unet, alone.unet)
 
 
+@pytest.mark.slow
 def test_sfd_2stage_killed_in_stage_2_resumes_and_still_counts_stage_1(
     tmp_path, fmnist_dir, store, monkeypatch
 ):

@@ -183,7 +183,8 @@ def _run(name, run_dir, data_dir, *, seed=0, kill_after=None, config=None):
     return cls(config or resolve_config(cls, "smoke", {})).unlearn(tiny_model(), fs, ctx)
 
 
-@pytest.mark.parametrize("name", TEXT_METHODS)
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m in ("text-sfd", "text-salun") else m
+                                  for m in TEXT_METHODS])  # fmt: skip
 def test_text_contract(name, tmp_path, fmnist_dir, monkeypatch):
     """Smoke steps on a tiny text teacher: the weights change; an iterative method killed after a state dump
     resumes to the very weights of an uninterrupted run (so it is deterministic) and another seed differs; the
