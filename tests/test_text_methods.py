@@ -303,3 +303,42 @@ def test_uce_on_the_shipped_text_teacher_erases_the_concept_and_keeps_the_rest(t
     assert main(["attack", "--results", str(out), "--data-dir", str(fmnist_dir.parent)]) == 0
     said = capsys.readouterr().out
     assert said.count("does not apply: the attacks probe class labels") == 2 * len(list(ATTACKS))
+
+
+@pytest.mark.slow
+def test_sfd_asks_the_teacher_about_the_override_prompt_and_the_fake_score_about_the_forget_prompt(tmp_path,
+                                                                                                 fmnist_dir):  # fmt: skip
+    """training_loop.py's wiring (SD): in the generator step the retained term scores both networks at one retained
+    prompt; the forget term scores the teacher at the override prompt and the fake score at the forget prompt
+    the generator sampled from; the fake-score step trains on both, with prompts dropped to "" at 10%."""
+    from methods import text_sfd
+
+    fs = concept_forget_set(FASHION_MNIST, "concept-t-shirt")
+    encoder = tiny_model().encoder
+    prompts = sorted(
+        {p for pair in fs.override_pairs() for p in pair} | set(fs.retain_prompts()) | {NULL_PROMPT}
+    )
+    with torch.no_grad():
+        table = encoder(prompts)
+    calls = []
+    real = text_sfd.guided_eps
+
+    def recording(unet, x_t, t, context, null, scale):
+        named = [prompts[int((table - c).abs().flatten(1).amax(1).argmin())] for c in context]
+        calls.append((unet.training, scale, named))
+        return real(unet, x_t, t, context, null, scale)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(text_sfd, "guided_eps", recording)
+        _run("text-sfd", tmp_path, fmnist_dir.parent)
+    fake_step = [c for c in calls if c[0]]
+    generator_step = [c for c in calls if not c[0]]
+    assert len(fake_step) == 2 * 3 and len(generator_step) == 4 * 3  # smoke: 3 iterations
+    assert all(scale == 4.5 for _, scale, _ in calls)
+    pairs, retained = set(fs.override_pairs()), set(fs.retain_prompts())
+    for i in range(0, len(generator_step), 4):
+        (_, _, teacher_r), (_, _, fake_r), (_, _, teacher_o), (_, _, fake_f) = generator_step[i : i + 4]
+        assert teacher_r == fake_r and set(teacher_r) <= retained
+        assert all((f, o) in pairs for f, o in zip(fake_f, teacher_o, strict=True))
+    seen = {p for _, _, named in fake_step for p in named}
+    assert seen <= retained | {p for p, _ in pairs} | {NULL_PROMPT}
