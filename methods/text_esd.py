@@ -95,7 +95,7 @@ class TextESD(Method):
         "default": Scaled({"iterations": 500, "ddim_steps": 10},
                           "CPU budget, as the class-conditional esd's default: 500 iterations instead of 1000 and "
                           "x_t on the evaluation sampler's 10-step DDIM grid instead of 50; learning rate, eta "
-                          "and start guidance as the script's"),
+                          "and start guidance as the script's. Measured (README): the t-shirt at 52% under ESD-u, 100% under ESD-x"),
     }  # fmt: skip
 
     def validate(self, forget_set):

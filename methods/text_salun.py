@@ -106,7 +106,8 @@ class TextSalUn(Method):
         "smoke": Scaled({"iterations": 3, "batch_size": 4, "mask_images": 8}, "seconds-long test runs"),
         "default": Scaled({"iterations": 300, "mask_images": 512},
                           "CPU budget: 300 iterations instead of 5 epochs of the 6000 forget images (3750), the mask "
-                          "from the first 512 forget images instead of all; batch, lr, alpha as the README's"),
+                          "from the first 512 forget images instead of all; batch, lr, alpha as the README's. Measured "
+                          "(README): the t-shirt at 0%, the retained classes at 99.6%"),
     }  # fmt: skip
 
     @staticmethod
