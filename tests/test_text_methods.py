@@ -342,3 +342,35 @@ def test_sfd_asks_the_teacher_about_the_override_prompt_and_the_fake_score_about
         assert all((f, o) in pairs for f, o in zip(fake_f, teacher_o, strict=True))
     seen = {p for _, _, named in fake_step for p in named}
     assert seen <= retained | {p for p, _ in pairs} | {NULL_PROMPT}
+
+
+def test_sa_caches_its_replay_and_fisher_per_teacher(tmp_path, fmnist_dir, monkeypatch):
+    """The replay samples (every class under its training prompts) and the diagonal Fisher over them are computed
+    once per teacher and settings, then reused by every forget set."""
+    from bench.config import resolve_config
+    from methods import text_sa
+
+    monkeypatch.setenv("BENCH_MODEL_DIR", str(tmp_path / "store"))
+    cls = METHODS.get("text-sa")
+    method = cls(resolve_config(cls, "smoke", {}))
+    teacher = tiny_model()
+    assert not method.prepared(teacher)
+    computed = []
+    real = text_sa.text_fisher
+
+    def counting(*args, **kwargs):
+        computed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(text_sa, "text_fisher", counting)
+    _run("text-sa", tmp_path / "a", fmnist_dir.parent)
+    assert method.prepared(teacher) and len(computed) == 1
+    from bench.models.cache import load_cached
+
+    cache, _ = load_cached(method._cache_file(teacher), what="test")
+    fisher = {k.removeprefix("fisher."): v for k, v in cache.items() if k.startswith("fisher.")}
+    assert fisher.keys() == dict(teacher.unet.named_parameters()).keys()
+    assert all((v >= 0).all() for v in fisher.values()) and any(v.sum() > 0 for v in fisher.values())
+    assert cache["images"].shape == (10, 1, 8, 8) and cache["labels"].tolist() == list(range(10))
+    _run("text-sa", tmp_path / "b", fmnist_dir.parent)
+    assert len(computed) == 1  # reused
