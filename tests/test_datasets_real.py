@@ -281,6 +281,7 @@ def test_smoke_run_on_cifar10_and_celeba(data_dir, tmp_path, capsys):
     assert "4 runs, 0 to do" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_smoke_run_on_celeba_attribute_and_imagefolder(data_dir, tmp_path):
     pets = write_imagefolder(tmp_path / "pets")
     results = tmp_path / "results"

@@ -26,6 +26,7 @@ def sfd_smoke(tmp_path_factory, fmnist_dir):
     )
 
 
+@pytest.mark.slow
 def test_interrupted_evaluation_resumes_without_unlearning_again(
     tmp_path, fmnist_dir, monkeypatch, sfd_smoke
 ):

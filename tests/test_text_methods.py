@@ -183,7 +183,7 @@ def _run(name, run_dir, data_dir, *, seed=0, kill_after=None, config=None):
     return cls(config or resolve_config(cls, "smoke", {})).unlearn(tiny_model(), fs, ctx)
 
 
-@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m in ("text-sfd", "text-salun") else m
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m in ("text-sfd", "text-salun", "text-sa") else m
                                   for m in TEXT_METHODS])  # fmt: skip
 def test_text_contract(name, tmp_path, fmnist_dir, monkeypatch):
     """Smoke steps on a tiny text teacher: the weights change; an iterative method killed after a state dump
@@ -344,6 +344,7 @@ def test_sfd_asks_the_teacher_about_the_override_prompt_and_the_fake_score_about
     assert seen <= retained | {p for p, _ in pairs} | {NULL_PROMPT}
 
 
+@pytest.mark.slow
 def test_sa_caches_its_replay_and_fisher_per_teacher(tmp_path, fmnist_dir, monkeypatch):
     """The replay samples (every class under its training prompts) and the diagonal Fisher over them are computed
     once per teacher and settings, then reused by every forget set."""
