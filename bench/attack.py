@@ -249,14 +249,19 @@ def attack_sweep(results: Path, names: Sequence[str], runtime, *, run_ids: Seque
 
 def _missing_controls(results: Path) -> str:
     """Which controls no run of the sweep folder is (the report reads every run there)."""
+    from bench.registry import DATASETS
+
     methods = set()
     for d in (Path(results) / "runs").iterdir():
         try:
-            methods.add(json.loads((d / "spec.json").read_text())["method"])
-        except (OSError, ValueError, KeyError):
+            spec = json.loads((d / "spec.json").read_text())
+        except (OSError, ValueError):
             continue
+        dataset = DATASETS.get(spec["dataset"]) if spec.get("dataset") in DATASETS else None
+        if getattr(dataset, "captions", None) is None:  # the text tier's runs are not attacked (TEXT_TIER)
+            methods.add(spec.get("method"))
     lacking = [m for m in CONTROLS if m not in methods]
-    return f"the sweep has no {' or '.join(lacking)} run (add it to --methods)" if lacking else ""
+    return f"the sweep has no {' or '.join(lacking)} run (add it to --methods)" if lacking and methods else ""
 
 
 def format_status(status: dict[str, dict[str, str]]) -> str:

@@ -270,7 +270,9 @@ def test_bench_run_pairs_methods_with_the_tier_of_their_dataset(fmnist_dir, caps
 
 
 @pytest.mark.slow
-def test_uce_on_the_shipped_text_teacher_erases_the_concept_and_keeps_the_rest(tmp_path, fmnist_dir, capsys):
+def test_uce_on_the_shipped_text_teacher_erases_the_concept_and_keeps_the_rest(
+    tmp_path, fmnist_dir, capsys, caplog
+):
     """The vertical slice, on the shipped teacher at the smoke protocol: the judge stops seeing trousers under
     their training names and their paraphrases, and still sees the retained classes."""
     from bench.cli import main
@@ -303,6 +305,7 @@ def test_uce_on_the_shipped_text_teacher_erases_the_concept_and_keeps_the_rest(t
     assert main(["attack", "--results", str(out), "--data-dir", str(fmnist_dir.parent)]) == 0
     said = capsys.readouterr().out
     assert said.count("does not apply: the attacks probe class labels") == 2 * len(list(ATTACKS))
+    assert "the sweep has no retrain run" not in caplog.text  # the controls are the class tier's
 
 
 @pytest.mark.slow
