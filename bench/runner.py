@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from bench import distributed, store
 from bench.api import TRAIN_KIND, EvalContext, Measurement, SampleSet
@@ -362,9 +363,10 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     rows, outcomes = [], {}
     for guidance, names in sampling_plan(model, preset, spec.dataset):
         t0 = time.perf_counter()
-        with phases("sample"):
+        with phases("sample"), tqdm(total=len(seeds), desc=f"sampling the grid ({names[0]})", unit="img",
+                                    mininterval=2, leave=False, disable=not runtime.progress) as bar:  # fmt: skip
             images = model.sample(conditions, seeds, steps=preset.sampler_steps, guidance=guidance, eta=preset.eta,
-                                  device=device, amp=runtime.amp)  # fmt: skip
+                                  device=device, amp=runtime.amp, progress=bar.update)  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         sample_s = time.perf_counter() - t0
