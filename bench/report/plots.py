@@ -383,7 +383,8 @@ def write_sample_grids(df: pd.DataFrame, out: Path, run_dirs: dict[str, Path]) -
                 continue
             kind = key.removeprefix("images").lstrip("_")  # the text tier's prompt kinds: "" or "paraphrase"
             class_names, forget = _classes(dataset, fs)
-            prompts = f", {kind} prompts" if kind else ""
+            text = "images_paraphrase" in grids  # the text tier's runs keep a grid per prompt kind
+            prompts = f", {kind or 'training'} prompts" if kind or text else ""
             title = (f"{dataset}, forget {fs}, preset {preset}{sampled_at(group)}, seed {seed}{prompts} (image i "
                      "of a class: the same noise in every row)")  # fmt: skip
             fig = sample_grid_figure(by_method, class_names=class_names, forget=forget, title=title)
