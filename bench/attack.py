@@ -250,6 +250,7 @@ def attack_sweep(results: Path, names: Sequence[str], runtime, *, run_ids: Seque
 def _missing_controls(results: Path) -> str:
     """Which controls no run of the sweep folder is (the report reads every run there)."""
     from bench.registry import DATASETS
+    from bench.text.run import is_text
 
     methods = set()
     for d in (Path(results) / "runs").iterdir():
@@ -258,7 +259,7 @@ def _missing_controls(results: Path) -> str:
         except (OSError, ValueError):
             continue
         dataset = DATASETS.get(spec["dataset"]) if spec.get("dataset") in DATASETS else None
-        if getattr(dataset, "captions", None) is None:  # the text tier's runs are not attacked (TEXT_TIER)
+        if not is_text(dataset):  # the text tier's runs are not attacked (TEXT_TIER)
             methods.add(spec.get("method"))
     lacking = [m for m in CONTROLS if m not in methods]
     return f"the sweep has no {' or '.join(lacking)} run (add it to --methods)" if lacking and methods else ""

@@ -307,7 +307,9 @@ def make_specs(args):
 
 def dataset_tier(dataset) -> str:
     """ "text" for a dataset with captions (bench/text/), else "class"."""
-    return "text" if getattr(dataset, "captions", None) is not None else "class"
+    from bench.text.run import is_text
+
+    return "text" if is_text(dataset) else "class"
 
 
 def _fits(method_cls, tier: str) -> bool:

@@ -163,7 +163,7 @@ class TextSA(Method):
                                  timesteps=cfg.fisher_timesteps, g=torch.Generator().manual_seed(FISHER_SEED),
                                  device=ctx.device, progress=bar)  # fmt: skip
             bar.close()
-            return {"images": images, "labels": labels, "prompt_index": which % (1 << 30),
+            return {"images": images, "labels": labels, "prompt_index": which,
                     **{f"fisher.{n}": v for n, v in fisher.items()}}  # fmt: skip
 
         return cached_tensors(self._cache_file(teacher), compute, what="text-sa")

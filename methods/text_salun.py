@@ -81,11 +81,8 @@ def mask_gradients(unet, encoder, x, prompts, *, batch_size, guidance, g, device
             context = encoder(prompts[i : i + batch_size])
         unet.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            tt = t.to(device)
-            cond = unet(x_t, tt, encoder_hidden_states=context).sample
-            uncond = unet(x_t, tt, encoder_hidden_states=null.expand(len(xb), -1, -1)).sample
-        pred = uncond.float() + guidance * (cond.float() - uncond.float())
-        (-nn.functional.mse_loss(pred, noise.to(device))).backward()
+            pred = TextDiffusionModel(unet, encoder).eps(x_t, t.to(device), context, null, guidance)
+        (-nn.functional.mse_loss(pred.float(), noise.to(device))).backward()
         for n, p in unet.named_parameters():
             if p.grad is not None:
                 total[n] += p.grad

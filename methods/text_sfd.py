@@ -35,7 +35,7 @@ from bench.errors import BenchError
 from bench.registry import METHODS
 from bench.sampling import autocast
 from bench.text.captions import NULL_PROMPT
-from bench.text.model import TextOneStepGenerator
+from bench.text.model import TextDiffusionModel, TextOneStepGenerator
 from methods.sfd import Schedule, fake_score_loss, sid_loss
 from methods.text_esd import NOT_BUDGETED
 
@@ -76,12 +76,8 @@ class TextSFDConfig:
 
 
 def guided_eps(unet, x_t, t, context, null, scale: float):
-    """eps_u + s (eps_c - eps_u) over the null prompt (the conditional pass alone at s = 1)."""
-    if scale == 1.0:
-        return unet(x_t, t, encoder_hidden_states=context).sample.float()
-    cond, uncond = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                        encoder_hidden_states=torch.cat([context, null.expand(len(x_t), -1, -1)])).sample.float().chunk(2)  # fmt: skip
-    return uncond + scale * (cond - uncond)
+    """eps_u + s (eps_c - eps_u) over the null prompt (the conditional pass alone at s = 1), in fp32."""
+    return TextDiffusionModel(unet, None).eps(x_t, t, context, null, scale).float()
 
 
 @METHODS.register("text-sfd")

@@ -193,14 +193,23 @@ class TextDiffusionModel:
         for i in range(0, len(prompts), batch_size):
             noise, gens = image_noise(seeds[i : i + batch_size], self.image_shape)
             with autocast(device, amp):
-                context = self.encoder(prompts[i : i + batch_size])
-                null = self.encoder([NULL_PROMPT]) if guidance != 1.0 else None
-                eps = partial(self.eps, context=context, null=null, guidance=guidance)
-                x = ddim(eps, noise.to(device), gens, steps=steps, eta=eta)
+                x = self._sample_batch(noise.to(device), gens, prompts[i : i + batch_size], steps=steps,
+                                       guidance=guidance, eta=eta)  # fmt: skip
             out.append(x.float().clamp(-1, 1).cpu())
             if progress is not None:
                 progress(len(noise))
         return torch.cat(out)
+
+    def _sample_batch(self, noise, gens, prompts, *, steps, guidance, eta):
+        context = self.encoder(prompts)
+        null = self.encoder([NULL_PROMPT]) if guidance != 1.0 else None
+        return ddim(
+            partial(self.eps, context=context, null=null, guidance=guidance),
+            noise,
+            gens,
+            steps=steps,
+            eta=eta,
+        )
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -246,23 +255,8 @@ class TextOneStepGenerator(TextDiffusionModel):
         t = torch.full((len(z),), self.t_init, device=z.device)
         return (x_init - self.b * self.unet(x_init, t, encoder_hidden_states=context).sample) / self.a
 
-    @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], *, steps: int = 1, guidance: float = 1.0, eta: float = 0.0,
-               batch_size: int = 250, device: torch.device | str = "cpu", amp: bool = False,
-               progress=None) -> torch.Tensor:  # fmt: skip
-        """Images in [-1, 1], the i-th from the noise seeded by `seeds[i]` (steps and guidance do not apply)."""
-        device = torch.device(device)
-        self.unet.to(device).eval()
-        self.encoder.to(device).eval()
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            noise, _ = image_noise(seeds[i : i + batch_size], self.image_shape)
-            with autocast(device, amp):
-                x = self.generate(noise.to(device), self.encoder(prompts[i : i + batch_size]))
-            out.append(x.float().clamp(-1, 1).cpu())
-            if progress is not None:
-                progress(len(noise))
-        return torch.cat(out)
+    def _sample_batch(self, noise, gens, prompts, *, steps, guidance, eta):
+        return self.generate(noise, self.encoder(prompts))  # steps and guidance do not apply
 
     def save(self, directory: Path) -> None:
         super().save(directory)
