@@ -82,10 +82,10 @@ class AttackContext:
                  for c in classes for j in range(per_class)]  # fmt: skip
         return labels, seeds
 
-    def sample(
-        self, model: Sampler, labels: torch.Tensor, seeds: list[int], *, guidance: float | None = None
-    ):
-        """Images from `model` with the preset's sampler (its steps and eta; its attack guidance unless given)."""
+    def sample(self, model: Sampler, labels: torch.Tensor | list[str], seeds: list[int], *,
+               guidance: float | None = None):  # fmt: skip
+        """Images from `model` with the preset's sampler (its steps and eta; its attack guidance unless given), of
+        class labels, or of prompts on the text tier."""
         p = self.preset
         w = p.attack_guidance if guidance is None else guidance
         return model.sample(labels, seeds, steps=p.attack_sampler_steps, guidance=w, eta=p.eta, device=self.device,
@@ -181,6 +181,7 @@ class Attack(ABC):
     title: ClassVar[str]
     threat: ClassVar[str]  # what the attacker holds
     requires: ClassVar[frozenset[str]] = frozenset()  # real data it reads: {"forget"}, {"retain"}
+    tier: ClassVar[str] = "class"  # the runs it attacks: the class tier's or the text tier's (bench/text)
     sources: ClassVar[str]
     # How it applies to one-step generators (SFD, SiD), and why that is the honest analogue.
     one_step: ClassVar[str]

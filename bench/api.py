@@ -292,6 +292,7 @@ class SampleSet:
     peak_mem_mb: float
     # The text tier's prompt kind of each image (bench.text.captions: "train", "paraphrase"); None: class labels.
     kinds: list[str] | None = None
+    prompts: list[str] | None = None  # the text tier's prompt of each image
 
     def by_kind(self) -> dict[str, torch.Tensor]:
         """The images per prompt kind, in grid order ({"": all of them} without kinds)."""
@@ -305,9 +306,11 @@ class SampleSet:
         tier is its training prompts' images."""
         if self.kinds is None:
             return self
-        keep = torch.from_numpy(np.array(self.kinds) == kind)
+        keep = np.array(self.kinds) == kind
+        prompts = None if self.prompts is None else [p for p, k in zip(self.prompts, keep, strict=True) if k]
+        keep = torch.from_numpy(keep)
         return SampleSet(self.images[keep], self.labels[keep], self.nfe, self.sample_s, self.unlearn_s,
-                         self.peak_mem_mb, [kind] * int(keep.sum()))  # fmt: skip
+                         self.peak_mem_mb, [kind] * int(keep.sum()), prompts)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -355,11 +358,14 @@ class Evaluator(ABC):
     metrics: ClassVar[tuple[Metric, ...]]
     # A user option it cannot run without (e.g. "clip_model"); without it, it is not among the default evaluators.
     needs: ClassVar[str] = ""
+    # The tiers (Method.tier's names) whose model store ships what `needs` names: a default evaluator there.
+    shipped_for: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def resolve_options(cls, given: dict[str, Any]) -> dict[str, str]:
-        """The options (EvalContext.options) it will read, from the user's (None when unset); checked before any
-        run starts, raising a BenchError when unusable. They are part of the run's identity."""
+    def resolve_options(cls, given: dict[str, Any], tier: str = "class") -> dict[str, str]:
+        """The options (EvalContext.options) it will read on datasets of `tier`, from the user's (None when
+        unset); checked before any run starts, raising a BenchError when unusable. They are part of the run's
+        identity."""
         return {}
 
     @abstractmethod
@@ -381,6 +387,9 @@ class EvalContext:
     anchors: tuple[
         int, ...
     ] = ()  # where the method sent the forgotten classes (Method.anchors); () = the default
+    # Where an evaluator finds the store's models of this run (bench.models.store): its recipe's key and seed.
+    model_key: str = ""
+    seed: int = 0
 
     @property
     def anchor_classes(self) -> tuple[int, ...]:

@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 FOLDER = "robustness"
 SUITE = "robustness"  # `--evaluators +robustness`: every attack
-# Why no attack applies to a text-tier run (bench/text): each probes class labels; the text tier's own attacks
-# (textual inversion, adversarial prompts) are not in this version.
-TEXT_TIER = "the attacks probe class labels; the text tier's (prompt attacks, textual inversion) are not in this version"
+# Why an attack of one tier does not apply to a run of the other (Attack.tier; bench/text).
+TEXT_TIER = "the attack probes class labels; the text tier's is textual-inversion"
+CLASS_TIER = "textual inversion adds a word to a text encoder, and a class-conditional model has none"
 DONE = "DONE"
 ROWS = "rows.jsonl"
 ERROR = "error.txt"
@@ -173,9 +173,9 @@ def _attack_one(run_dir: Path, name: str, loaded: _Loaded, runtime) -> str:
     dataset, forget_set, teacher, judge = loaded.models()
     model, _ = load_run_model(run_dir / "model")  # a fresh copy, checked against its checksums
     attack = cls(config)
-    text = model.kind.startswith("text-")
-    reason = TEXT_TIER if text else attack.applies(model)
-    skipped = {} if text else attack.not_applicable(model)
+    tier = "text" if model.kind.startswith("text-") else "class"
+    reason = attack.applies(model) if cls.tier == tier else TEXT_TIER if tier == "text" else CLASS_TIER
+    skipped = attack.not_applicable(model) if cls.tier == tier else {}
     rows, t0 = [], time.perf_counter()
     d.mkdir(parents=True, exist_ok=True)
     if not reason:
@@ -259,7 +259,7 @@ def _missing_controls(results: Path) -> str:
         except (OSError, ValueError):
             continue
         dataset = DATASETS.get(spec["dataset"]) if spec.get("dataset") in DATASETS else None
-        if not is_text(dataset):  # the text tier's runs are not attacked (TEXT_TIER)
+        if not is_text(dataset):  # the controls are the class tier's: the text tier has no retrain
             methods.add(spec.get("method"))
     lacking = [m for m in CONTROLS if m not in methods]
     return f"the sweep has no {' or '.join(lacking)} run (add it to --methods)" if lacking and methods else ""

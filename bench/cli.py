@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--out", type=Path, default=None, help="model store root (default: ~/.cache/unlearn-bench/models)"
     )
+    pre.add_argument("--clip-only", action="store_true",
+                     help="text tier: train only its tiny CLIP (the clip_score model), not the teacher")  # fmt: skip
     pre.add_argument("--launcher", default="inline", choices=["inline", "slurm"],
                      help="inline: here; slurm: a job of its own, requeued and resumed on a time limit")  # fmt: skip
     pre.add_argument(
@@ -208,7 +210,7 @@ def cmd_ls(args) -> None:
     print("attacks (bench attack, or --evaluators +robustness):")
     for name in ATTACKS:
         cls = ATTACKS.get(name)
-        print(f"  {name:<14} {reads[frozenset(cls.requires)]:<20} {cls.title}: {cls.threat}")
+        print(f"  {name:<18} {cls.tier:<6} {reads[frozenset(cls.requires)]:<20} {cls.title}: {cls.threat}")
     print("presets:")
     for p in PRESETS.values():
         print(f"  {p.name:<8} {p.description}")
@@ -263,7 +265,7 @@ def make_specs(args):
                 valid = [n for n in METHODS if any(_fits(METHODS.get(n), t) for t in tiers.values())]
                 raise BenchError(f"method {m} is of the {cls.tier} tier and --datasets {','.join(tiers)} of the "
                                  f"{'/'.join(sorted(set(tiers.values())))} tier; valid: {', '.join(valid)}")  # fmt: skip
-    evaluators, options = _evaluators(args)
+    evaluators_of = _evaluators(args, tiers.values())
     configs = {m: c.Config for m, c in classes.items()}
     sweep = getattr(args, "sweep_file", None)
     # The file's [set], then the command line's --set (the same method.field: the command line's values).
@@ -278,6 +280,7 @@ def make_specs(args):
             raise BenchError(f"--teacher takes a class-conditional teacher; {ds_name} is the text tier, whose "
                              f"teacher comes from the model store (bench pretrain --dataset {ds_name})")  # fmt: skip
         tier_classes = {m: cls for m, cls in classes.items() if _fits(cls, tiers[ds_name])}
+        evaluators, options = evaluators_of[tiers[ds_name]]
         data = ds.data_identity()["digest"]
         if teacher:  # checked against each dataset; it enters the runs' identity as an absolute path
             check_external_teacher(teacher, dataset=ds_name, image_size=ds.image_size, channels=ds.channels,
@@ -337,28 +340,38 @@ def _budgeted(classes, combos, budgets, preset, dataset, left_out):
                     )
 
 
-def _evaluators(args) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """The evaluators to run and the options they read (weights paths), checked before any run starts.
+def _evaluators(args, tiers) -> dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]]:
+    """Per dataset tier: the evaluators to run and the options they read (weights paths), checked before any run
+    starts.
 
-    By default: every evaluator except those that need an option the user did not give (clip_score without
-    --clip-model); one named in --evaluators without its option is an error.
+    By default: every evaluator except those that need an option the user did not give and the tier does not ship
+    (clip_score without --clip-model on the class tier; the text tier ships its tiny CLIP); one named in
+    --evaluators without its option is an error.
     """
+    from bench.attack import evaluator_names
     from bench.registry import EVALUATORS
 
     given = {"inception_weights": getattr(args, "inception_weights", None),
              "fid_reference": getattr(args, "fid_reference", None),
              "clip_model": getattr(args, "clip_model", None)}  # fmt: skip
-    from bench.attack import evaluator_names
-
-    defaults = [e for e in EVALUATORS if not EVALUATORS.get(e).needs or given.get(EVALUATORS.get(e).needs)]
-    names = evaluator_names(args.evaluators, defaults)  # '+NAME' adds to the defaults; attacks are left out
-    options: dict[str, str] = {}
-    for e in names:
-        options.update(EVALUATORS.get(e).resolve_options(given))
+    out, used = {}, set()
+    for tier in dict.fromkeys(tiers):
+        classes = {e: EVALUATORS.get(e) for e in EVALUATORS}
+        defaults = [
+            e for e, c in classes.items() if not c.needs or given.get(c.needs) or tier in c.shipped_for
+        ]
+        names = evaluator_names(
+            args.evaluators, defaults
+        )  # '+NAME' adds to the defaults; attacks are left out
+        options: dict[str, str] = {}
+        for e in names:
+            options.update(EVALUATORS.get(e).resolve_options(given, tier))
+        used |= set(options)
+        out[tier] = (tuple(names), tuple(sorted(options.items())))
     for key, value in given.items():
-        if value and key not in options:
+        if value and key not in used:
             log.warning("--%s is unused: no evaluator in --evaluators reads it", key.replace("_", "-"))
-    return tuple(names), tuple(sorted(options.items()))
+    return out
 
 
 def summary_table(rows, results: Path | None = None) -> str:

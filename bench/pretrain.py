@@ -219,7 +219,7 @@ def pretrain(dataset: Dataset, preset: Preset, *, seed: int, out_root: Path, dev
 
 
 def pretrain_named(dataset: str, preset: str, *, seed: int, out_root: Path, data_dir: Path | None = None,
-                   device: str = "cpu", amp: bool = False) -> Path:  # fmt: skip
+                   device: str = "cpu", amp: bool = False, clip_only: bool = False) -> Path:  # fmt: skip
     """`bench pretrain` as one call, by names: also the body of its SLURM job, which a requeue calls again (the
     teacher's training resumes from its state dump; a finished judge is loaded, not retrained). In a job of
     several tasks (or processes that `bench pretrain --nproc` started) the teacher trains data-parallel."""
@@ -232,7 +232,10 @@ def pretrain_named(dataset: str, preset: str, *, seed: int, out_root: Path, data
     world = distributed.init_job(device)
     torch_device = Runtime(device=distributed.rank_device(device, world)).torch_device
     torch.manual_seed(seed)
-    if getattr(data, "captions", None) is not None:  # the text-conditional tier's teacher (bench/text)
+    if (
+        getattr(data, "captions", None) is not None
+    ):  # the text-conditional tier's teacher and CLIP (bench/text)
+        from bench.text.clip import clip_dir, pretrain_clip
         from bench.text.model import text_recipe
         from bench.text.pretrain import pretrain_text
 
@@ -240,7 +243,21 @@ def pretrain_named(dataset: str, preset: str, *, seed: int, out_root: Path, data
             raise BenchError(
                 f"{data.name}'s teacher trains in one process: drop --nproc (or the job's extra tasks)"
             )
-        return pretrain_text(data, recipe, text_recipe(recipe.model_key), seed=seed, out_root=Path(out_root),
-                             device=torch_device, amp=amp)  # fmt: skip
+        out = None
+        if not clip_only:
+            out = pretrain_text(data, recipe, text_recipe(recipe.model_key), seed=seed, out_root=Path(out_root),
+                                device=torch_device, amp=amp)  # fmt: skip
+        if (
+            clip_only
+            or not (clip_dir(out_root, data.name, recipe.model_key, seed) / store.MANIFEST).is_file()
+        ):
+            clip = pretrain_clip(
+                data, recipe.model_key, seed=seed, out_root=Path(out_root), device=torch_device
+            )
+        return out or clip
+    if clip_only:
+        raise BenchError(
+            f"--clip-only: {data.name} is of the class tier, which ships no CLIP (--clip-model DIR)"
+        )
     return pretrain(data, recipe, seed=seed, out_root=Path(out_root), device=torch_device, amp=amp,
                     world=world)  # fmt: skip

@@ -356,6 +356,8 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         device=device,
         options={"fid_reference": preset.fid_reference, **dict(spec.options)},
         anchors=anchors,
+        model_key=model_store.recipe_preset(dataset.name, preset, spec.seed).model_key,
+        seed=spec.seed,
     )
     # What the method loaded from a cache instead of computing (a stored oracle, sfd-2stage's stage 1), and the
     # seconds it took when it was computed: unlearn_s is this run's own time.
@@ -373,7 +375,7 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
         _check_finite(images, spec, d, model_dir)
         samples = SampleSet(images=images, labels=labels, nfe=model.nfe(steps=preset.sampler_steps, guidance=guidance),
                             sample_s=sample_s, unlearn_s=unlearn_s, peak_mem_mb=_peak_memory_mb(device),
-                            kinds=kinds)  # fmt: skip
+                            kinds=kinds, prompts=conditions if kinds is not None else None)  # fmt: skip
         if names[0] == condition_name(preset.guidance):  # the main protocol's images: the run's sample grid
             _save_grid(samples, dataset.num_classes, per_class, d, phases)
         sampled = sampling_fields(model, preset, guidance) | cached

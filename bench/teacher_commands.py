@@ -14,7 +14,8 @@ def cmd_pretrain(args) -> None:
 
     out_root = (args.out or user_store()).expanduser().resolve()
     kwargs = {"dataset": args.dataset, "preset": args.preset, "seed": args.seed, "out_root": out_root,
-              "data_dir": args.data_dir.resolve() if args.data_dir else None, "device": args.device, "amp": args.amp}  # fmt: skip
+              "data_dir": args.data_dir.resolve() if args.data_dir else None, "device": args.device, "amp": args.amp,
+              "clip_only": args.clip_only}  # fmt: skip
     if args.launcher == "slurm":
         import submitit
 
@@ -56,7 +57,7 @@ def cmd_pretrain(args) -> None:
             out = distributed.spawn(_pretrain_rank, args.nproc, kwargs, device=args.device)
         else:
             out = pretrain_named(**kwargs)
-    print(f"teacher and judge written to {out}")
+    print(f"{'the tiny CLIP' if args.clip_only else 'teacher and judge'} written to {out}")
     print((out / "MANIFEST.json").read_text())
 
 

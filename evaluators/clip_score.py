@@ -3,8 +3,11 @@
 Reported on the forgotten classes (lower: the model no longer draws what the prompt names) and the retained
 ones (higher). torchmetrics 1.9 averages 100 * cos(image, text) over the images and clips the mean at 0; the
 per-image scores (from the update function CLIPScore itself calls) give a percentile bootstrap interval over the
-images and the report's Wilcoxon signed-rank test. It runs only with a local transformers CLIP folder
-(--clip-model DIR): no model can be downloaded here.
+images and the report's Wilcoxon signed-rank test. On the class tier it runs only with a local transformers CLIP
+folder (--clip-model DIR): no model can be downloaded here.
+
+On the text tier each image is scored against the prompt it was generated from, training prompts and held-out
+paraphrases apart, with the tier's shipped tiny CLIP (bench/text/clip.py; --clip-model DIR replaces it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from bench.registry import EVALUATORS
 PROMPT = "a photo of a {}"
 CLIP_FORGET = Metric("clip_score", "forget", higher_is_better=False)
 CLIP_RETAIN = Metric("clip_score", "retain", higher_is_better=True)
+CLIP_FORGET_PARAPHRASE = Metric("clip_score", "forget-paraphrase", higher_is_better=False)
+CLIP_RETAIN_PARAPHRASE = Metric("clip_score", "retain-paraphrase", higher_is_better=True)
 HOW = (
     "a transformers CLIP folder, e.g. made on a machine with internet by `CLIPModel.from_pretrained("
     "'openai/clip-vit-large-patch14').save_pretrained(DIR)` and the same with CLIPProcessor"
@@ -111,35 +116,64 @@ def clip_score(
 
 @EVALUATORS.register("clip_score")
 class ClipScore(Evaluator):
-    """clip_score of the generations of forgotten and of retained classes against their class prompts."""
+    """clip_score of the generations of forgotten and of retained classes against their prompts: "a photo of a
+    {class name}" on the class tier, the prompt each image was generated from on the text tier."""
 
     name = "clip_score"
-    version = "2"  # 2: bootstrap intervals and per-image scores
-    metrics = (CLIP_FORGET, CLIP_RETAIN)
+    version = "3"  # 2: bootstrap intervals and per-image scores; 3: the text tier's own prompts and tiny CLIP
+    metrics = (CLIP_FORGET, CLIP_RETAIN, CLIP_FORGET_PARAPHRASE, CLIP_RETAIN_PARAPHRASE)
     needs = "clip_model"
+    shipped_for = ("text",)
 
     @classmethod
-    def resolve_options(cls, given):
-        if not given.get("clip_model"):
-            raise BenchError(f"evaluator clip_score needs --clip-model DIR: {HOW}")
-        return {"clip_model": str(check_clip_dir(Path(given["clip_model"])))}
+    def resolve_options(cls, given, tier: str = "class"):
+        if given.get("clip_model"):
+            return {"clip_model": str(check_clip_dir(Path(given["clip_model"])))}
+        if tier in cls.shipped_for:
+            return {}
+        raise BenchError(f"evaluator clip_score needs --clip-model DIR: {HOW}")
 
     def __call__(self, samples: SampleSet, ctx: EvalContext):
-        if not ctx.options.get("clip_model"):
+        model, processor = self._model(samples, ctx)
+        if samples.prompts is None:
+            names = [n.replace("_", " ") for n in ctx.dataset.class_names]
+            prompts = [PROMPT.format(names[k]) for k in samples.labels.tolist()]
+            return self._scored(CLIP_FORGET, CLIP_RETAIN, samples, prompts, model, processor, ctx)
+        train, para = samples.of_kind(), samples.of_kind("paraphrase")
+        return [*self._scored(CLIP_FORGET, CLIP_RETAIN, train, train.prompts, model, processor, ctx),
+                *self._scored(CLIP_FORGET_PARAPHRASE, CLIP_RETAIN_PARAPHRASE, para, para.prompts, model, processor,
+                              ctx)]  # fmt: skip
+
+    def row_fields(self, ctx: EvalContext):
+        return {"clip_model": ctx.options.get("clip_model") or str(self._tiny_clip_dir(ctx))}
+
+    @staticmethod
+    def _tiny_clip_dir(ctx: EvalContext) -> Path:
+        from bench.text.clip import text_clip
+
+        return text_clip(ctx.dataset, ctx.model_key, ctx.seed, device=ctx.device)
+
+    def _model(self, samples: SampleSet, ctx: EvalContext):
+        if ctx.options.get("clip_model"):
+            return load_clip(ctx.options["clip_model"])
+        if samples.prompts is None:
             raise BenchError(f"evaluator clip_score needs --clip-model DIR: {HOW}")
-        model, processor = load_clip(ctx.options["clip_model"])
-        names = [n.replace("_", " ") for n in ctx.dataset.class_names]
+        from bench.text.clip import load_tiny_clip
+
+        return load_tiny_clip(str(self._tiny_clip_dir(ctx)))
+
+    @staticmethod
+    def _scored(forget_metric, retain_metric, samples, prompts, model, processor, ctx) -> list[Measurement]:
         forget = torch.isin(samples.labels, torch.tensor(ctx.forget_set.forget))
         rows = []
-        for metric, mask in ((CLIP_FORGET, forget), (CLIP_RETAIN, ~forget)):
-            labels = samples.labels[mask].tolist()
-            if not labels:
+        for metric, mask in ((forget_metric, forget), (retain_metric, ~forget)):
+            if not mask.any():
                 raise ValueError(f"clip_score[{metric.subset}] has no generated images to score")
-            prompts = [PROMPT.format(names[k]) for k in labels]
-            scores = clip_scores(model, processor, samples.images[mask], prompts, device=ctx.device).double()
+            chosen = [p for p, m in zip(prompts, mask.tolist(), strict=True) if m]
+            scores = clip_scores(model, processor, samples.images[mask], chosen, device=ctx.device).double()
             ci = tuple(
                 max(b, 0.0) for b in stats.bootstrap_mean_interval(scores.numpy())
             )  # clipped as the mean
-            rows.append(Measurement(metric, max(scores.mean().item(), 0.0), len(labels), ci=ci,
+            rows.append(Measurement(metric, max(scores.mean().item(), 0.0), int(mask.sum()), ci=ci,
                                     ci_method=f"bootstrap-{stats.RESAMPLES}", outcomes=scores, test=stats.WILCOXON))  # fmt: skip
         return rows

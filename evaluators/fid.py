@@ -290,7 +290,7 @@ class FID(Evaluator):
     metrics = (FD_JUDGE, FID_INCEPTION)
 
     @classmethod
-    def resolve_options(cls, given):
+    def resolve_options(cls, given, tier="class"):
         reference = {"fid_reference": given["fid_reference"]} if given.get("fid_reference") else {}
         path = given.get("inception_weights") or hub_inception_file()
         if not path:

@@ -49,8 +49,9 @@ def test_k_shot_relearning_does_not_damage_the_untouched_teacher(teacher_context
     teacher, context = teacher_context
     cls = ATTACKS.get("kshot")
     ctx = context("kshot")
-    findings = cls(resolve_config(cls, "default", {})).run(teacher, ctx, Resume(ctx.run))
-    for k in (1, 5, 25):
+    # k = 1 alone (the default's 1, 5 and 25 took 3 minutes): one image, 200 steps, is the likeliest to overfit.
+    findings = cls(resolve_config(cls, "default", {"shots": (1,)})).run(teacher, ctx, Resume(ctx.run))
+    for k in (1,):
         mine = [f for f in findings if f.params["k"] == k]
         curve = {f.params["steps"]: f.value for f in mine if f.metric.name == "accuracy"}
         print(f"k={k} curve on the teacher:", curve)

@@ -48,9 +48,11 @@ def _copy(attacked, results: Path) -> Path:
 
 def test_rows_are_tidy_and_beside_the_run_records(attacked):
     results, d, _, status = attacked
-    assert status == {d.name: dict.fromkeys(ATTACKS.names(), "done")}
+    class_tier = [n for n in ATTACKS.names() if ATTACKS.get(n).tier == "class"]
+    assert status == {d.name: {**dict.fromkeys(class_tier, "done"),
+                               "textual-inversion": f"does not apply: {attack.CLASS_TIER}"}}  # fmt: skip
     rows = attack.load_rows(results)
-    assert {r["evaluator"] for r in rows} == set(ATTACKS.names())
+    assert {r["evaluator"] for r in rows} == set(class_tier)
     assert all(set(store.COLUMNS) <= set(r) and r["run_id"] == d.name and r["kind"] == "attack" for r in rows)
     kshot = [r for r in rows if r["evaluator"] == "kshot" and r["metric"] == "accuracy"]
     assert {(r["k"], r["steps"]) for r in kshot} == {(k, s) for k in (1, 2) for s in (0, 1, 2)}

@@ -138,17 +138,21 @@ def test_clip_folder_checks(clip_dir, tmp_path):
 
 def test_evaluator_defaults_and_options(clip_dir, inception):
     ns = dict(evaluators=None, inception_weights=None, clip_model=None)
-    names, options = _evaluators(argparse.Namespace(**ns))
+    names, options = _evaluators(argparse.Namespace(**ns), ["class"])["class"]
     assert "clip_score" not in names and options == ()  # not a default without a model
     names, options = _evaluators(
-        argparse.Namespace(**{**ns, "clip_model": clip_dir, "inception_weights": inception})
-    )
+        argparse.Namespace(**{**ns, "clip_model": clip_dir, "inception_weights": inception}), ["class"]
+    )["class"]
     assert "clip_score" in names and dict(options) == {
         "clip_model": str(clip_dir),
         "inception_weights": str(inception),
     }
     with pytest.raises(BenchError, match="clip_score needs --clip-model DIR"):
-        _evaluators(argparse.Namespace(**{**ns, "evaluators": ["clip_score"]}))
+        _evaluators(argparse.Namespace(**{**ns, "evaluators": ["clip_score"]}), ["class"])
+    # The text tier ships its tiny CLIP: a default there with no option, beside a class tier without it.
+    both = _evaluators(argparse.Namespace(**ns), ["class", "text"])
+    assert "clip_score" in both["text"][0] and both["text"][1] == ()
+    assert "clip_score" not in both["class"][0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,7 +255,7 @@ def test_run_with_inception_clip_and_external_teacher(
 @pytest.mark.slow
 def test_full_command_with_weights(data_dir, inception, clip_dir, tmp_path):
     results = tmp_path / "results"
-    argv = ["run", "--datasets", "cifar10,celeba", "--methods", "original,sfd", "--preset", "smoke",
+    argv = ["run", "--datasets", "cifar10,celeba", "--methods", "sfd", "--preset", "smoke",
             "--data-dir", str(data_dir), "--results", str(results), "--inception-weights", str(inception),
             "--clip-model", str(clip_dir)]  # fmt: skip
     assert main(argv) == 0
@@ -259,6 +263,6 @@ def test_full_command_with_weights(data_dir, inception, clip_dir, tmp_path):
         json.loads(line) for p in results.glob("runs/*/metrics.jsonl") for line in p.read_text().splitlines()
     ]
     for ds in ("cifar10", "celeba"):
-        for method in ("original", "sfd"):
+        for method in ("sfd",):
             mine = {(r["metric"], r["subset"]) for r in rows if r["dataset"] == ds and r["method"] == method}
             assert {("fid_inception", "retain"), ("clip_score", "forget"), ("clip_score", "retain")} <= mine

@@ -45,7 +45,8 @@ def columns(df: pd.DataFrame) -> list[tuple[str, str, dict, str]]:
     for k in _values(kshot, "k"):
         cols.append(("kshot", "steps_to_relearn", {"k": k}, f"steps k={k:g}"))
     cols += [("benign", "auc", {}, "benign AUC"), ("benign", "steps_to_relearn", {}, "benign steps"),
-             ("inversion", "recovered", {}, "inversion")]  # fmt: skip
+             ("inversion", "recovered", {}, "inversion"),
+             ("textual-inversion", "recovered", {}, "textual inversion")]  # fmt: skip
     conceal = df[(df["evaluator"] == "concealment")]
     cols += [
         ("concealment", "recognised", {"t_frac": f}, f"conceal t/T={f:g}" if f else "real images")
