@@ -80,10 +80,12 @@ def test_a_killed_textual_inversion_resumes_to_the_same_row(tmp_path, fmnist_dir
 
 
 @pytest.mark.slow
-def test_textual_inversion_brings_back_a_concept_uce_erased_from_its_words(tmp_path, fmnist_dir):
-    """On the shipped text teacher: UCE stops "tee" and the other names drawing t-shirts, and a word fitted to 25
-    real t-shirts (from "tee", as Pham et al. start from the erased word) draws them again, as it does on the
-    untouched teacher: the concept was hidden from its words, not erased from the weights."""
+def test_textual_inversion_finds_the_concept_in_the_teacher_and_not_after_uce(tmp_path):
+    """On the shipped text teacher, a word fitted to 25 real t-shirts (from "tee", as Pham et al. start from the
+    erased word) draws t-shirts: the ceiling the attack is read against. After UCE, whose edit stops every name
+    drawing t-shirts, the same attack finds no such word at this budget (measured: 12.5%; 7.5% at 1000 steps, 12.5%
+    at lr 0.3), unlike Pham et al.'s UCE on Stable Diffusion: a finding on this tiny model, which this test keeps
+    (if it fails, the README's robustness figures must be measured again)."""
     from bench.data.fashion_mnist import FashionMNISTText
     from bench.models import store
     from bench.models.judge import judge_probs
@@ -92,11 +94,15 @@ def test_textual_inversion_brings_back_a_concept_uce_erased_from_its_words(tmp_p
     from bench.text.run import load_text_models
 
     preset = get_preset("default")
-    ds = FashionMNISTText(data_dir=fmnist_dir.parent, image_size=preset.image_size)
+    ds = FashionMNISTText(image_size=preset.image_size)  # the real data: 25 clear t-shirts of 6000
+    try:
+        ds.check()
+    except Exception as e:  # the Debian package is not installed here
+        pytest.skip(f"no fashion-mnist data: {e}")
     teacher, judge, _ = load_text_models(ds, store.recipe_preset(ds.name, preset), seed=0,
                                          device=torch.device("cpu"), amp=False)  # fmt: skip
     uce_cls = METHODS.get("text-uce")
-    uce_ctx = _context(tmp_path / "uce", fmnist_dir.parent, judge=judge, preset="default", image_size=16,
+    uce_ctx = _context(tmp_path / "uce", None, judge=judge, preset="default", image_size=16,
                        requires=uce_cls.requires)  # fmt: skip
     uce = uce_cls(resolve_config(uce_cls, "default", {})).unlearn(
         teacher, uce_ctx.run.forget_set, uce_ctx.run
@@ -109,11 +115,11 @@ def test_textual_inversion_brings_back_a_concept_uce_erased_from_its_words(tmp_p
     config = resolve_config(cls, "default", {"per_class": 40})
     found = {}
     for name, model in (("original", teacher), ("text-uce", uce)):
-        ctx = _context(tmp_path / name, fmnist_dir.parent, judge=judge, preset="default", image_size=16)
+        ctx = _context(tmp_path / name, None, judge=judge, preset="default", image_size=16)
         (found[name],) = cls(config).run(model, ctx, Resume(ctx.run))
     print(
         f"t-shirt from its names after UCE: {erased:.2f}; recovered by textual inversion:",
         {k: f.value for k, f in found.items()},
     )
     assert erased < 0.3
-    assert found["original"].value > 0.8 and found["text-uce"].value > erased + 0.4
+    assert found["original"].value > 0.8 and found["text-uce"].value < 0.3
