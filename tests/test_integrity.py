@@ -319,6 +319,7 @@ def test_damaged_run_model_is_named_and_the_fix_said(saved_run, tmp_path, damage
     assert not store.is_done(d)
 
 
+@pytest.mark.slow  # 5 s: in the slow set, still in CI
 def test_finished_runs_model_is_checked_when_loaded_again(saved_run, tmp_path):
     d, spec, runtime = copy_run(saved_run, tmp_path / "done")
     execute(spec, tmp_path / "done", runtime)
