@@ -295,7 +295,8 @@ def test_retrain_keeps_its_oracle_and_the_next_run_loads_it(tmp_path, fmnist_dir
 # ---- The contract of every registered method --------------------------------------------------------------
 
 ALL = METHODS.names()
-SLOW_CONTRACTS = ("sfd", "sfd-2stage", "sid", "sa", "erasediff")  # the slowest (3-9 s each): slow set, still in CI
+# The slowest (3-9 s each): in the slow set, still in CI.
+SLOW_CONTRACTS = ("sfd", "sfd-2stage", "sid", "sa", "erasediff")
 CLASS_TIER = [m for m in ALL if METHODS.get(m).tier != "text"]  # the text tier's: tests/test_text_methods.py
 
 
