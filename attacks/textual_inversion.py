@@ -104,6 +104,12 @@ class TextualInversion(Attack):
     }  # fmt: skip
     metrics = (RECOVERED,)
 
+    def applies(self, model) -> str:
+        if not isinstance(model.encoder, PromptEncoder):
+            return ("it fits the tier's pixel-space teacher on real images; a Stable Diffusion model would need "
+                    "them through its VAE (not in this version)")  # fmt: skip
+        return ""
+
     def run(self, model: TextDiffusionModel, ctx: AttackContext, resume: Resume) -> list[Finding]:
         cfg = self.config
         unit = "textual-inversion"

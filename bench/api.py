@@ -195,6 +195,9 @@ class Method(ABC):
     # UNet2DConditionModel and its prompts, bench/text/), or "any". `bench run` pairs methods with datasets of
     # their tier.
     tier: ClassVar[str] = "class"
+    # Whether it also runs on a Stable Diffusion folder as the text teacher (--teacher DIR, bench/text/
+    # stable_diffusion.py): it must read no images (they would need the VAE) and sample only through the model.
+    stable_diffusion: ClassVar[bool] = False
 
     def __init__(self, config):
         self.config = config

@@ -250,6 +250,7 @@ def make_specs(args):
     from bench.models.store import check_external_teacher
     from bench.presets import get_preset
     from bench.registry import METHODS
+    from bench.text.stable_diffusion import check_pipeline_teacher
 
     preset = get_preset(args.preset)
     methods = args.methods or [
@@ -276,13 +277,15 @@ def make_specs(args):
     budgets = getattr(args, "budget_s", None) or [0.0]
     specs, left_out = [], {}
     for ds_name, ds in datasets.items():
-        if teacher and tiers[ds_name] == "text":
-            raise BenchError(f"--teacher takes a class-conditional teacher; {ds_name} is the text tier, whose "
-                             f"teacher comes from the model store (bench pretrain --dataset {ds_name})")  # fmt: skip
         tier_classes = {m: cls for m, cls in classes.items() if _fits(cls, tiers[ds_name])}
+        if teacher and tiers[ds_name] == "text":  # a Stable Diffusion folder: the methods that run on one
+            check_pipeline_teacher(
+                teacher, dataset=ds_name, shape=(ds.channels, ds.image_size, ds.image_size)
+            )
+            tier_classes = _on_stable_diffusion(tier_classes, named=bool(args.methods))
         evaluators, options = evaluators_of[tiers[ds_name]]
         data = ds.data_identity()["digest"]
-        if teacher:  # checked against each dataset; it enters the runs' identity as an absolute path
+        if teacher and tiers[ds_name] == "class":  # checked per dataset; in the runs' identity as a path
             check_external_teacher(teacher, dataset=ds_name, image_size=ds.image_size, channels=ds.channels,
                                    num_classes=ds.num_classes)  # fmt: skip
         # Aliases (class-00, classes-0-0) are the same forget set, so they get its name and its run id.
@@ -317,6 +320,19 @@ def dataset_tier(dataset) -> str:
 
 def _fits(method_cls, tier: str) -> bool:
     return method_cls.tier in (tier, "any")
+
+
+def _on_stable_diffusion(classes: dict, *, named: bool) -> dict:
+    """The methods of a sweep that run on a Stable Diffusion teacher; one named on the command line that does not
+    is an error (the default sweep leaves those out)."""
+    from bench.registry import METHODS
+
+    fit = {m: cls for m, cls in classes.items() if cls.stable_diffusion}
+    if named and len(fit) < len(classes):
+        valid = [m for m in METHODS if METHODS.get(m).stable_diffusion]
+        raise BenchError(f"--teacher: {', '.join(m for m in classes if m not in fit)} cannot run on a Stable "
+                         f"Diffusion teacher in this version (the README's text tier says why); valid: {', '.join(valid)}")  # fmt: skip
+    return fit
 
 
 def _budgeted(classes, combos, budgets, preset, dataset, left_out):

@@ -74,15 +74,14 @@ def load_models(dataset, preset, *, teacher_path: str = "", device=None, amp: bo
 
     They come from the model store (shipped, else the user's); when neither has them they are trained now with
     the recipe of models.store.recipe_preset() into the user store, and cached there for later runs.
-    `teacher_path` (--teacher) replaces the teacher by an external diffusers UNet; the judge still comes from the
-    store (trained alone when missing).
+    `teacher_path` (--teacher) replaces the teacher by an external diffusers UNet (on the text tier: a Stable
+    Diffusion folder); the judge still comes from the store (trained alone when missing).
     """
     device = device or torch.device("cpu")
     if is_text(dataset):
-        if teacher_path:
-            raise BenchError(f"--teacher takes a class-conditional teacher; {dataset.name}'s text teacher comes from "
-                             "the model store")  # fmt: skip
-        return load_text_models(dataset, preset, seed=TEACHER_SEED, device=device, amp=amp)
+        return load_text_models(
+            dataset, preset, seed=TEACHER_SEED, device=device, amp=amp, teacher_path=teacher_path
+        )
     recipe = model_store.recipe_preset(dataset.name, preset, TEACHER_SEED)
     found = model_store.find_models(dataset.name, recipe.model_key, TEACHER_SEED)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)

@@ -31,10 +31,13 @@ def image_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor,
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
-def ddim(eps, x: torch.Tensor, gens: list[torch.Generator], *, steps: int, eta: float) -> torch.Tensor:
-    """DDIM (eta 0) or ancestral (eta 1) sampling from noise `x` with the harness's schedule; `eps(x, t)` is the
-    (guided) noise prediction, and the fresh noise of eta > 0 comes from each image's own generator."""
-    scheduler = DDIMScheduler.from_config(noise_schedule().config)
+def ddim(
+    eps, x: torch.Tensor, gens: list[torch.Generator], *, steps: int, eta: float, schedule=None
+) -> torch.Tensor:
+    """DDIM (eta 0) or ancestral (eta 1) sampling from noise `x` with the harness's schedule (or `schedule`, a
+    model's own scheduler); `eps(x, t)` is the (guided) noise prediction, and the fresh noise of eta > 0 comes from
+    each image's own generator."""
+    scheduler = DDIMScheduler.from_config((noise_schedule() if schedule is None else schedule).config)
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         e = eps(x, t).float()
@@ -170,10 +173,10 @@ def load_sampler(directory: Path) -> Sampler:
         kind = settings.pop("kind")
         if kind.startswith("text-"):  # the text tier's (bench.text.model imports this module)
             from bench.text.model import TextDiffusionModel, TextOneStepGenerator
+            from bench.text.stable_diffusion import LatentTextDiffusionModel
 
-            return {"text-diffusion": TextDiffusionModel, "text-one-step": TextOneStepGenerator}[kind].load(
-                directory
-            )
+            text_kinds = (TextDiffusionModel, TextOneStepGenerator, LatentTextDiffusionModel)
+            return {c.kind: c for c in text_kinds}[kind].load(directory)
         cls = KINDS[kind]
     except (OSError, ValueError, KeyError) as e:
         raise BenchError(f"cannot read model settings {settings_file}: {e!r}") from e

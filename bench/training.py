@@ -115,7 +115,7 @@ def load_state(path: Path, *, remedy: str = "") -> dict:
 
 def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, g: torch.Generator, *,
               device: torch.device, amp: bool = False, reduction: str = "mean", antithetic: bool = False, shard=None,
-              context: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+              context: torch.Tensor | None = None, abar: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The DDPM denoising loss ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t, c)||^2, t ~ U{0..999}.
 
     `reduction`: "mean" over every element, "sum" over each image's pixels then mean over the batch (the official
@@ -124,10 +124,11 @@ def ddpm_loss(unet: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, g:
     Randomness (t, eps) comes from the CPU generator `g`, so a run is reproducible and resumable. `shard`
     (a data-parallel World's shard) takes this rank's slice of the global batch after all of it is drawn.
     `context`: a text-conditional UNet's prompt hidden states (bench/text), in place of class labels.
+    `abar`: the model's alphas_cumprod where it has its own schedule (a Stable Diffusion teacher's).
     """
     from bench.models.unet import noise_schedule
 
-    abar = noise_schedule().alphas_cumprod
+    abar = noise_schedule().alphas_cumprod if abar is None else abar
     if antithetic:
         half = torch.randint(len(abar), (len(x0) // 2 + 1,), generator=g)
         t = torch.cat([half, len(abar) - 1 - half])[: len(x0)]

@@ -101,10 +101,11 @@ def trained_parameters(unet: nn.Module, method: str, rule: str) -> set[str]:
 
 
 def old_esd_xt(model: DiffusionModel, z: torch.Tensor, labels: torch.Tensor, *, ddim_steps: int, k: int,
-               guidance: float) -> torch.Tensor:  # fmt: skip
+               guidance: float, abar: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """x_t of train-esd.py@a2189e9: ldm's deterministic DDIM on the grid 1, 1+c, ..., 1+(S-2)c (its last step dropped),
-    from pure noise z down to and including grid index max(k-1, 0) (module docstring)."""
-    abar = noise_schedule().alphas_cumprod.to(z.device)
+    from pure noise z down to and including grid index max(k-1, 0) (module docstring); `abar` the model's
+    alphas_cumprod where it is not the harness's schedule."""
+    abar = (noise_schedule().alphas_cumprod if abar is None else abar).to(z.device)
     c = 1000 // ddim_steps
     grid = [1 + j * c for j in range(ddim_steps)]
     x = z

@@ -19,6 +19,7 @@ class Original(Method):
     paper = "none: the pretrained teacher before any unlearning (the 'Pretrained' row of SA, SalUn and SFD tables)"
     Config = OriginalConfig
     tier = "any"  # the reference row of both tiers
+    stable_diffusion = True  # data-free: it runs on a Stable Diffusion teacher too
     not_budgeted = "no unlearning: the teacher itself, the same at every budget"
 
     def unlearn(self, teacher, forget_set, ctx):

@@ -90,6 +90,7 @@ class TextESD(Method):
     Config = TextESDConfig
     tier = "text"
     not_budgeted = NOT_BUDGETED
+    stable_diffusion = True  # data-free: it runs on a Stable Diffusion teacher too
     scaled = {
         "smoke": Scaled({"iterations": 3, "ddim_steps": 4}, "seconds-long test runs"),
         "default": Scaled({"iterations": 500, "ddim_steps": 10},
@@ -120,6 +121,7 @@ class TextESD(Method):
             null = encoder([NULL_PROMPT])
             contexts = encoder(list(words))
         trained = Prompted(TextDiffusionModel(unet, encoder), null)
+        abar = teacher.schedule.alphas_cumprod  # a Stable Diffusion teacher's own
         bar = ctx.progress(cfg.iterations, self.name, initial=start)
         for step in range(start, cfg.iterations):
             c = contexts[int(torch.randint(len(words), (1,), generator=g))][None]
@@ -128,7 +130,7 @@ class TextESD(Method):
             z = torch.randn((1, *teacher.image_shape), generator=g).to(dev)
             with torch.no_grad(), autocast(dev, ctx.amp):
                 x_t = old_esd_xt(
-                    trained, z, c, ddim_steps=cfg.ddim_steps, k=stop, guidance=cfg.start_guidance
+                    trained, z, c, ddim_steps=cfg.ddim_steps, k=stop, guidance=cfg.start_guidance, abar=abar
                 )
                 tt = torch.full((2,), t, device=dev)
                 eps_c, eps_0 = frozen(torch.cat([x_t, x_t]), tt,
@@ -145,7 +147,7 @@ class TextESD(Method):
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step + 1})
         bar.close()
-        return TextDiffusionModel(unet.requires_grad_(True).eval(), copy.deepcopy(teacher.encoder))
+        return teacher.with_unet(unet.requires_grad_(True).eval())
 
 
 @METHODS.register("text-esd-x")

@@ -13,7 +13,6 @@ import torch
 from bench.api import Method
 from bench.registry import METHODS
 from bench.text.captions import NULL_PROMPT
-from bench.text.model import TextDiffusionModel
 from bench.training import ddpm_loss
 from methods.finetune import Finetune, FinetuneConfig
 from methods.text_esd import NOT_BUDGETED
@@ -26,6 +25,7 @@ class TextFinetune(Method):
     paper = Finetune.paper + "; on the text tier"
     Config = FinetuneConfig
     tier = "text"
+    stable_diffusion = True  # on its VAE's latents (encode_images)
     requires = frozenset({"retain"})
     not_budgeted = NOT_BUDGETED
     scaled = Finetune.scaled
@@ -37,6 +37,10 @@ class TextFinetune(Method):
         opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
         g = ctx.generator("finetune")
         x, y = ctx.data("retain")
+        x = teacher.encode_images(
+            x, g
+        )  # a Stable Diffusion teacher's latents; the images themselves otherwise
+        abar = teacher.schedule.alphas_cumprod
         start = 0
         if (state := ctx.load_state()) is not None:
             unet.load_state_dict(state["unet"])
@@ -50,7 +54,7 @@ class TextFinetune(Method):
             with torch.no_grad():
                 context = encoder([NULL_PROMPT if d else p for p, d in zip(prompts, drop, strict=True)])
             loss = ddpm_loss(unet, x[idx], None, g, device=dev, amp=ctx.amp, reduction=cfg.loss,
-                             antithetic=cfg.antithetic, context=context)  # fmt: skip
+                             antithetic=cfg.antithetic, context=context, abar=abar)  # fmt: skip
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
@@ -60,4 +64,4 @@ class TextFinetune(Method):
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step + 1})
         bar.close()
-        return TextDiffusionModel(unet.eval(), copy.deepcopy(teacher.encoder))
+        return teacher.with_unet(unet.eval())

@@ -71,10 +71,12 @@ class TextSAConfig:
     )
 
 
-def text_fisher(unet, encoder, x, prompts, *, timesteps: int, g: torch.Generator, device, progress=None):
+def text_fisher(unet, encoder, x, prompts, *, timesteps: int, g: torch.Generator, device, progress=None,
+                abar=None):  # fmt: skip
     """F_i = mean_n (d/dtheta_i sum_t L_simple(x_n, p_n, t))^2 (ddpm_fim.py:347-396); fewer than 1000 timesteps
-    estimate the sum by one stratified t per chunk, scaled by 1000 / timesteps (methods/sa.py)."""
-    abar = noise_schedule().alphas_cumprod.to(device)
+    estimate the sum by one stratified t per chunk, scaled by 1000 / timesteps (methods/sa.py). `abar`: the
+    model's alphas_cumprod where it is not the harness's."""
+    abar = (noise_schedule().alphas_cumprod if abar is None else abar).to(device)
     names = [n for n, _ in unet.named_parameters()]
     params = list(unet.parameters())
     fisher = [torch.zeros_like(p) for p in params]
@@ -97,9 +99,8 @@ def text_fisher(unet, encoder, x, prompts, *, timesteps: int, g: torch.Generator
     return {n: (f / len(x)).cpu() for n, f in zip(names, fisher, strict=True)}
 
 
-def simple_loss(unet, x0, context, g: torch.Generator, device) -> torch.Tensor:
+def simple_loss(unet, x0, context, g: torch.Generator, device, abar) -> torch.Tensor:
     """LDM's L_simple: eps-MSE averaged over every element, t ~ U{0..999} per image (ddpm_forget.py:914-923)."""
-    abar = noise_schedule().alphas_cumprod
     t = torch.randint(len(abar), (len(x0),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     a = abar[t].view(-1, 1, 1, 1)
@@ -115,6 +116,7 @@ class TextSA(Method):
     paper = "Heng & Soh, Selective Amnesia, NeurIPS 2023; official SD code: surrogate concept, replay, EWC"
     Config = TextSAConfig
     tier = "text"
+    stable_diffusion = True  # on its VAE's latents (encode_images)
     not_budgeted = NOT_BUDGETED
     default_sweep = False  # its replay and Fisher cost minutes once per teacher: outside the 15-minute sweep
     scaled = {
@@ -159,9 +161,10 @@ class TextSA(Method):
             unet = copy.deepcopy(teacher.unet).to(ctx.device).eval()
             encoder = copy.deepcopy(teacher.encoder).to(ctx.device).eval().requires_grad_(False)
             bar = ctx.progress(len(pick), "text-sa fisher")
-            fisher = text_fisher(unet, encoder, images[pick], [prompts[i] for i in pick.tolist()],
+            latents = teacher.encode_images(images[pick], torch.Generator().manual_seed(REPLAY_SEED))
+            fisher = text_fisher(unet, encoder, latents, [prompts[i] for i in pick.tolist()],
                                  timesteps=cfg.fisher_timesteps, g=torch.Generator().manual_seed(FISHER_SEED),
-                                 device=ctx.device, progress=bar)  # fmt: skip
+                                 device=ctx.device, progress=bar, abar=teacher.schedule.alphas_cumprod)  # fmt: skip
             bar.close()
             return {"images": images, "labels": labels, "prompt_index": which,
                     **{f"fisher.{n}": v for n, v in fisher.items()}}  # fmt: skip
@@ -172,7 +175,10 @@ class TextSA(Method):
         cfg, dev = self.config, ctx.device
         cache = self._teacher_statistics(teacher, ctx)
         captions = forget_set.captions
-        images, labels = cache["images"], cache["labels"]
+        labels = cache["labels"]
+        # SA's SD code trains on its saved samples through the first stage: a Stable Diffusion teacher's latents.
+        images = teacher.encode_images(cache["images"], torch.Generator().manual_seed(REPLAY_SEED))
+        abar = teacher.schedule.alphas_cumprod
         pool = [captions.prompts(c, "train") for c in range(len(captions.concepts))]
         prompts = [
             pool[c][int(i) % len(pool[c])]
@@ -204,8 +210,8 @@ class TextSA(Method):
             with torch.no_grad():
                 c_f, c_r = encoder(p_f), encoder([prompts[j] for j in i_r])
             with autocast(dev, ctx.amp):
-                loss_forget = simple_loss(unet, images[i_s], c_f, g, dev)
-                loss_replay = simple_loss(unet, images[i_r], c_r, g, dev)
+                loss_forget = simple_loss(unet, images[i_s], c_f, g, dev, abar)
+                loss_replay = simple_loss(unet, images[i_r], c_r, g, dev, abar)
             penalty = ewc_penalty(dict(unet.named_parameters()), anchors, fisher)
             loss = loss_forget + cfg.gamma * loss_replay + cfg.lam * penalty
             opt.zero_grad(set_to_none=True)
@@ -219,4 +225,4 @@ class TextSA(Method):
                 ctx.save_state({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                 "step": step + 1})  # fmt: skip
         bar.close()
-        return TextDiffusionModel(ema.model.eval(), copy.deepcopy(teacher.encoder))
+        return teacher.with_unet(ema.model.eval())

@@ -65,9 +65,10 @@ class TextSalUnConfig:
     mask_images: int = param(0, f"{MASK}: one pass over all forget images (0 = all)", valid=Range(0))
 
 
-def mask_gradients(unet, encoder, x, prompts, *, batch_size, guidance, g, device, amp=False):
-    """generate_mask's sum over in-order forget batches of the gradient of the guided denoising loss."""
-    abar = noise_schedule().alphas_cumprod
+def mask_gradients(unet, encoder, x, prompts, *, batch_size, guidance, g, device, amp=False, abar=None):
+    """generate_mask's sum over in-order forget batches of the gradient of the guided denoising loss (`abar`: the
+    model's alphas_cumprod where it is not the harness's)."""
+    abar = noise_schedule().alphas_cumprod if abar is None else abar
     total = {n: torch.zeros_like(p) for n, p in unet.named_parameters()}
     with torch.no_grad():
         null = encoder([NULL_PROMPT])
@@ -97,6 +98,7 @@ class TextSalUn(Method):
     paper = "Fan et al., SalUn, ICLR 2024 (arXiv 2310.12508); official SD scripts, prompt relabel, 50% mask"
     Config = TextSalUnConfig
     tier = "text"
+    stable_diffusion = True  # on its VAE's latents (encode_images)
     requires = frozenset({"forget", "retain"})
     not_budgeted = NOT_BUDGETED
     scaled = {
@@ -124,6 +126,8 @@ class TextSalUn(Method):
             p.requires_grad_(n in params)
         opt = torch.optim.Adam(params.values(), lr=cfg.lr)
         g = ctx.generator("salun")
+        x_f, x_r = teacher.encode_images(x_f, g), teacher.encode_images(x_r, g)  # SD: its VAE's latents
+        abar = teacher.schedule.alphas_cumprod
         pairs = {k: [(p, o) for p, o in forget_set.override_pairs() if p in forget_set.captions.prompts(k, "train")]
                  for k in forget_set.forget}  # each forgotten class's (prompt, prompt naming the anchor)  # fmt: skip
         iterations = cfg.iterations or cfg.epochs * math.ceil(len(x_f) / cfg.batch_size)
@@ -137,11 +141,10 @@ class TextSalUn(Method):
             unet.eval()
             grads = mask_gradients(unet, encoder, x_f[:n_mask], [p for p, _ in self._pairs(pairs, y_f[:n_mask], g)],
                                    batch_size=cfg.batch_size, guidance=cfg.mask_guidance, g=g, device=dev,
-                                   amp=ctx.amp)  # fmt: skip
+                                   amp=ctx.amp, abar=abar)  # fmt: skip
             mask = saliency_mask(grads, cfg.mask_ratio)  # over every UNet weight, as the script; then applied
             mask = {n: mask[n] for n in params}  # to the trained ones
         mask = {k: v.to(dev) for k, v in mask.items()}
-        abar = noise_schedule().alphas_cumprod
         n = cfg.batch_size
         unet.train()
         bar = ctx.progress(iterations, self.name, initial=start)
@@ -182,4 +185,4 @@ class TextSalUn(Method):
                 ctx.save_state({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                                 "mask": {k: v.bool().cpu() for k, v in mask.items()}})  # fmt: skip
         bar.close()
-        return TextDiffusionModel(unet.requires_grad_(True).eval(), copy.deepcopy(teacher.encoder))
+        return teacher.with_unet(unet.requires_grad_(True).eval())

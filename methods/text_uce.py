@@ -32,7 +32,6 @@ import torch
 from bench.api import NON_NEGATIVE, POSITIVE, Method, param
 from bench.registry import METHODS
 from bench.text.captions import fill
-from bench.text.model import TextDiffusionModel
 from bench.text.tokenizer import MAX_LENGTH, clip_tokenizer
 
 SCRIPT = "UCE train-scripts/train_erase.py"
@@ -93,6 +92,7 @@ class TextUCE(Method):
     paper = "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024 (closed form, official code)"
     Config = UCEConfig
     tier = "text"
+    stable_diffusion = True  # data-free: it runs on a Stable Diffusion teacher too
     not_budgeted = "a closed-form edit: it has no iterations to stop"
     scaled = {}  # no budget to scale: one linear solve per projection
 
@@ -120,4 +120,4 @@ class TextUCE(Method):
                 bar.update()
         bar.close()
         ctx.log(1, erased=len(pairs), preserved=len(kept))
-        return TextDiffusionModel(unet, copy.deepcopy(teacher.encoder))
+        return teacher.with_unet(unet)

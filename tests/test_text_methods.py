@@ -259,7 +259,7 @@ def test_bench_run_pairs_methods_with_the_tier_of_their_dataset(fmnist_dir, caps
     assert main([*base, "--datasets", "fashion-mnist", "--methods", "text-uce"]) == 2
     assert "valid: original, sfd" in capsys.readouterr().err
     assert main([*base, "--datasets", "fashion-mnist-text", "--teacher", str(fmnist_dir)]) == 2
-    assert "--teacher takes a class-conditional teacher" in capsys.readouterr().err
+    assert "is not a Stable Diffusion folder" in capsys.readouterr().err  # the text tier's --teacher
     # Both tiers in one sweep: each dataset gets the methods of its tier, `original` both.
     assert (
         main([*base, "--datasets", "fashion-mnist,fashion-mnist-text", "--methods", "original,sfd,text-uce"])

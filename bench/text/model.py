@@ -10,6 +10,7 @@ MB. Prompts are tokenised and padded to CLIP's 77 tokens, as Stable Diffusion's 
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +22,7 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.files import share
+from bench.models.unet import noise_schedule
 from bench.sampling import autocast, ddim, image_noise
 from bench.text.captions import NULL_PROMPT
 from bench.text.tokenizer import MAX_LENGTH, clip_tokenizer
@@ -28,7 +30,7 @@ from bench.text.tokenizer import MAX_LENGTH, clip_tokenizer
 TOKENS_FILE = "tokens.json"
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """No progress bar per load and save of a 52-tensor encoder: a run's own bars say what it is doing."""
     from transformers.utils import logging
 
@@ -117,7 +119,7 @@ class PromptEncoder(nn.Module):
         return self.text_model(input_ids=self.rows(prompts).to(device)).last_hidden_state
 
     def save(self, directory: Path) -> None:
-        _quiet_transformers()
+        quiet_transformers()
         self.text_model.save_pretrained(directory, safe_serialization=True)
         (directory / TOKENS_FILE).write_text(json.dumps({"clip_bpe_ids": self.token_ids}) + "\n")
         share(directory)
@@ -126,7 +128,7 @@ class PromptEncoder(nn.Module):
     def load(cls, directory: Path) -> PromptEncoder:
         from transformers import CLIPTextModel
 
-        _quiet_transformers()
+        quiet_transformers()
         try:
             ids = json.loads((directory / TOKENS_FILE).read_text())["clip_bpe_ids"]
             text_model = CLIPTextModel.from_pretrained(directory, use_safetensors=True)
@@ -154,13 +156,25 @@ def build_text_unet(recipe: TextTeacherRecipe, *, image_size: int, channels: int
 
 class TextDiffusionModel:
     """A text-conditional epsilon-prediction DDPM, sampled with DDIM and classifier-free guidance over the null
-    prompt "" (eps_u + w (eps_c - eps_u), w = 1: the conditional pass alone), as the class-conditional one is."""
+    prompt "" (eps_u + w (eps_c - eps_u), w = 1: the conditional pass alone), as the class-conditional one is.
+    `schedule` is its noise schedule (the harness's, bench.models.unet.noise_schedule, unless the model brings its
+    own: a Stable Diffusion folder's, bench/text/stable_diffusion.py), which the methods that run on both read."""
 
     kind = "text-diffusion"
     raw: TextDiffusionModel | None = None  # the non-EMA weights, where the folder keeps them (raw/)
 
-    def __init__(self, unet: UNet2DConditionModel, encoder: PromptEncoder):
+    def __init__(self, unet: UNet2DConditionModel, encoder: PromptEncoder, schedule=None):
         self.unet, self.encoder = unet, encoder
+        self.schedule = schedule if schedule is not None else noise_schedule()
+
+    def with_unet(self, unet: UNet2DConditionModel) -> TextDiffusionModel:
+        """This model with another UNet (a method's result): the same kind, text encoder and schedule."""
+        return TextDiffusionModel(unet, copy.deepcopy(self.encoder), self.schedule)
+
+    def encode_images(self, x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] as the UNet denoises them: themselves here (a Stable Diffusion model's: its VAE's
+        latents), so a method that trains on images trains on either."""
+        return x
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -203,13 +217,8 @@ class TextDiffusionModel:
     def _sample_batch(self, noise, gens, prompts, *, steps, guidance, eta):
         context = self.encoder(prompts)
         null = self.encoder([NULL_PROMPT]) if guidance != 1.0 else None
-        return ddim(
-            partial(self.eps, context=context, null=null, guidance=guidance),
-            noise,
-            gens,
-            steps=steps,
-            eta=eta,
-        )
+        eps = partial(self.eps, context=context, null=null, guidance=guidance)
+        return ddim(eps, noise, gens, steps=steps, eta=eta, schedule=self.schedule)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -238,12 +247,10 @@ class TextOneStepGenerator(TextDiffusionModel):
 
     kind = "text-one-step"
 
-    def __init__(self, unet: UNet2DConditionModel, encoder: PromptEncoder, t_init: int = 625):
-        super().__init__(unet, encoder)
-        from bench.models.unet import noise_schedule
-
+    def __init__(self, unet: UNet2DConditionModel, encoder: PromptEncoder, t_init: int = 625, schedule=None):
+        super().__init__(unet, encoder, schedule)
         self.t_init = t_init
-        abar = noise_schedule().alphas_cumprod[t_init]
+        abar = self.schedule.alphas_cumprod[t_init]
         self.a, self.b = float(abar.sqrt()), float((1 - abar).sqrt())
 
     def nfe(self, *, steps: int, guidance: float) -> int:

@@ -5,6 +5,7 @@ its held-out paraphrases, so the evaluators can ask whether erasure reached the 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ from bench.presets import Preset
 from bench.text.captions import Captions
 from bench.text.model import TextDiffusionModel, text_recipe
 from bench.text.pretrain import KINDS, image_models, pretrain_text
+from bench.text.stable_diffusion import LatentTextDiffusionModel, check_pipeline_teacher
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +24,21 @@ def is_text(dataset: Dataset) -> bool:
     return getattr(dataset, "captions", None) is not None
 
 
-def load_text_models(dataset: Dataset, preset: Preset, *, seed: int, device: torch.device, amp: bool):
+def load_text_models(dataset: Dataset, preset: Preset, *, seed: int, device: torch.device, amp: bool,
+                     teacher_path: str = ""):  # fmt: skip
     """(teacher, judge, info): the text teacher of the store (trained now into the user store when neither store
-    has it), checksum-verified, and the image dataset's judge."""
+    has it), checksum-verified, or the Stable Diffusion folder `teacher_path`, and the image dataset's judge."""
     recipe = store.recipe_preset(dataset.name, preset, seed)
+    if teacher_path:
+        check_pipeline_teacher(Path(teacher_path), dataset=dataset.name,
+                               shape=(dataset.channels, dataset.image_size, dataset.image_size))  # fmt: skip
+        judge_dir = image_models(dataset, recipe, seed)
+        store.verify(judge_dir)
+        teacher, judge = (
+            LatentTextDiffusionModel.load(Path(teacher_path)),
+            store.load_judge(judge_dir / "judge"),
+        )
+        return teacher, judge, {"path": teacher_path, "judge": str(judge_dir / "judge")}
     found = store.find_models(dataset.name, recipe.model_key, seed)
     if found is None:
         out = store.model_dir(store.user_store(), dataset.name, recipe.model_key, seed)
