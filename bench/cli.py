@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=_positive_int, default=None,
                      help="steps between resumable state dumps (default: 50)")  # fmt: skip
     run.add_argument("--teacher", type=Path, default=None,
-                     help="external diffusers class-conditional UNet2DModel folder (or pipeline folder) to unlearn")  # fmt: skip
+                     help="external teacher to unlearn: a diffusers class-conditional UNet2DModel folder (or "
+                          "pipeline folder); on a text dataset, a Stable Diffusion pipeline folder")  # fmt: skip
     run.add_argument("--inception-weights", type=Path, default=None,
                      help="FID Inception-v3 weights: adds fid_inception (default: the file in the torch hub cache)")  # fmt: skip
     run.add_argument(
