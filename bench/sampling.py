@@ -161,8 +161,9 @@ KINDS = {cls.kind: cls for cls in (DiffusionModel, OneStepGenerator)}
 
 
 def is_one_step(model) -> bool:
-    """A one-step generator of either tier (OneStepGenerator, bench.text.model.TextOneStepGenerator)."""
-    return model.kind in ("one-step", "text-one-step")
+    """A one-step generator of either tier (OneStepGenerator, bench.text's TextOneStepGenerator and
+    LatentTextOneStepGenerator)."""
+    return model.kind.endswith("one-step")
 
 
 def load_sampler(directory: Path) -> Sampler:
@@ -173,9 +174,14 @@ def load_sampler(directory: Path) -> Sampler:
         kind = settings.pop("kind")
         if kind.startswith("text-"):  # the text tier's (bench.text.model imports this module)
             from bench.text.model import TextDiffusionModel, TextOneStepGenerator
-            from bench.text.stable_diffusion import LatentTextDiffusionModel
+            from bench.text.stable_diffusion import LatentTextDiffusionModel, LatentTextOneStepGenerator
 
-            text_kinds = (TextDiffusionModel, TextOneStepGenerator, LatentTextDiffusionModel)
+            text_kinds = (
+                TextDiffusionModel,
+                TextOneStepGenerator,
+                LatentTextDiffusionModel,
+                LatentTextOneStepGenerator,
+            )
             return {c.kind: c for c in text_kinds}[kind].load(directory)
         cls = KINDS[kind]
     except (OSError, ValueError, KeyError) as e:

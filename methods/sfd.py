@@ -123,10 +123,11 @@ def sid_loss(f_real: torch.Tensor, f_fake: torch.Tensor, x_g: torch.Tensor, alph
 
 
 class Schedule:
-    """a_t = sqrt(abar_t), b_t = sqrt(1 - abar_t) of the 1000-step linear DDPM schedule."""
+    """a_t = sqrt(abar_t), b_t = sqrt(1 - abar_t) of the 1000-step linear DDPM schedule (or of `abar`, a model's
+    own alphas_cumprod)."""
 
-    def __init__(self, device: torch.device):
-        abar = noise_schedule().alphas_cumprod.to(device)
+    def __init__(self, device: torch.device, abar: torch.Tensor | None = None):
+        abar = (noise_schedule().alphas_cumprod if abar is None else abar).to(device)
         self.a, self.b = abar.sqrt(), (1 - abar).sqrt()
 
     def noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):

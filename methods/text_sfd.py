@@ -89,6 +89,7 @@ class TextSFD(Method):
     )
     Config = TextSFDConfig
     tier = "text"
+    stable_diffusion = True  # data-free: on a Stable Diffusion teacher, in its latents
     not_budgeted = NOT_BUDGETED
     # A one-step generator trained for minutes: outside the default text sweep's 15-minute budget.
     default_sweep = False
@@ -113,7 +114,8 @@ class TextSFD(Method):
         encoder = copy.deepcopy(teacher.encoder).to(dev).eval().requires_grad_(False)
         frozen = copy.deepcopy(teacher.unet).to(dev).eval().requires_grad_(False)
         fake = copy.deepcopy(teacher.unet).to(dev).train()
-        gen = TextOneStepGenerator(copy.deepcopy(teacher.unet).to(dev).train(), encoder, t_init=cfg.t_init)
+        gen = TextOneStepGenerator(copy.deepcopy(teacher.unet).to(dev).train(), encoder, t_init=cfg.t_init,
+                                   schedule=teacher.schedule)  # fmt: skip
         opt_fake = torch.optim.Adam(
             fake.parameters(), lr=cfg.lr_fake, betas=(cfg.adam_beta1, 0.999), eps=cfg.adam_eps
         )
@@ -127,7 +129,7 @@ class TextSFD(Method):
             opt_fake.load_state_dict(state["opt_fake"])
             opt_gen.load_state_dict(state["opt_generator"])
             start = state["step"]
-        sched, shape, n = Schedule(dev), teacher.image_shape, cfg.batch_size
+        sched, shape, n = Schedule(dev, teacher.schedule.alphas_cumprod), teacher.image_shape, cfg.batch_size
         pairs = forget_set.override_pairs()
         retained = forget_set.retain_prompts()
         with torch.no_grad():
@@ -204,4 +206,6 @@ class TextSFD(Method):
                                 "opt_fake": opt_fake.state_dict(), "opt_generator": opt_gen.state_dict(),
                                 "step": step + 1})  # fmt: skip
         bar.close()
-        return TextOneStepGenerator(gen.unet.eval(), copy.deepcopy(teacher.encoder), t_init=cfg.t_init)
+        return teacher.one_step(
+            gen.unet.eval(), cfg.t_init
+        )  # on a Stable Diffusion teacher: decoded by its VAE

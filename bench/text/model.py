@@ -171,6 +171,10 @@ class TextDiffusionModel:
         """This model with another UNet (a method's result): the same kind, text encoder and schedule."""
         return TextDiffusionModel(unet, copy.deepcopy(self.encoder), self.schedule)
 
+    def one_step(self, unet: UNet2DConditionModel, t_init: int) -> TextOneStepGenerator:
+        """A one-step generator distilled from this model (text-sfd's result), on its text encoder and schedule."""
+        return TextOneStepGenerator(unet, copy.deepcopy(self.encoder), t_init=t_init, schedule=self.schedule)
+
     def encode_images(self, x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] as the UNet denoises them: themselves here (a Stable Diffusion model's: its VAE's
         latents), so a method that trains on images trains on either."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
-from bench.text.model import TextDiffusionModel, quiet_transformers
+from bench.text.model import TextDiffusionModel, TextOneStepGenerator, quiet_transformers
 
 MODEL_INDEX = "model_index.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -101,12 +101,19 @@ class LatentTextDiffusionModel(TextDiffusionModel):
     kind = "text-latent-diffusion"
 
     def __init__(self, unet, encoder: PipelinePromptEncoder, vae, schedule):
-        super().__init__(unet, encoder, schedule)
+        super().__init__(unet, encoder, schedule=schedule)
         self.vae = vae
 
     def with_unet(self, unet) -> LatentTextDiffusionModel:
         """The encoder and VAE are frozen in every method, so the result shares them with the teacher."""
         return LatentTextDiffusionModel(unet, self.encoder, self.vae, self.schedule)
+
+    def one_step(self, unet, t_init: int) -> LatentTextOneStepGenerator:
+        return LatentTextOneStepGenerator(unet, self.encoder, self.vae, self.schedule, t_init=t_init)
+
+    def settings(self) -> dict:
+        """What sampler.json records besides the pipeline folder (load passes it back)."""
+        return {"kind": self.kind}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample
@@ -151,7 +158,7 @@ class LatentTextDiffusionModel(TextDiffusionModel):
                  "safety_checker": [None, None], "feature_extractor": [None, None],
                  "requires_safety_checker": False}  # fmt: skip
         (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (directory / "sampler.json").write_text(json.dumps({"kind": self.kind}, indent=2))
+        (directory / "sampler.json").write_text(json.dumps(self.settings(), indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> LatentTextDiffusionModel:
@@ -181,4 +188,24 @@ class LatentTextDiffusionModel(TextDiffusionModel):
             raise BenchError(f"cannot load the {part} of the Stable Diffusion folder {directory}: {e} (weights "
                              "load from .safetensors only; convert .bin weights with save_pretrained("
                              "safe_serialization=True) in a trusted environment)") from e  # fmt: skip
-        return cls(unet.eval(), PipelinePromptEncoder(text_model.eval(), tokenizer), vae.eval(), schedule)
+        extra = {}  # a run's saved model: its settings (a teacher folder has no sampler.json)
+        if (directory / "sampler.json").is_file():
+            extra = {k: v for k, v in _config(directory / "sampler.json").items() if k != "kind"}
+        return cls(
+            unet.eval(), PipelinePromptEncoder(text_model.eval(), tokenizer), vae.eval(), schedule, **extra
+        )
+
+
+class LatentTextOneStepGenerator(LatentTextDiffusionModel, TextOneStepGenerator):
+    """text-sfd's one-step generator on a Stable Diffusion teacher: TextOneStepGenerator's x_g = (b* z - b*
+    eps(b* z, t*, p)) / a* in the latents (a*, b* of the teacher's schedule), decoded by the VAE, as SFD's SD
+    code samples (`sd_util.py::sid_sd_sampler`, then `vae.decode`)."""
+
+    kind = "text-latent-one-step"
+
+    def __init__(self, unet, encoder: PipelinePromptEncoder, vae, schedule, t_init: int = 625):
+        TextOneStepGenerator.__init__(self, unet, encoder, t_init=t_init, schedule=schedule)
+        self.vae = vae
+
+    def settings(self) -> dict:
+        return {"kind": self.kind, "t_init": self.t_init}
