@@ -34,9 +34,8 @@ def figures(tmp_path_factory):
     out = {}
     try:
         for method in ("original", *BASELINES):
-            spec = RunSpec(
-                method=method, dataset="fashion-mnist", forget_set="class-0", seed=0, preset="default"
-            )
+            spec = RunSpec(method=method, dataset="fashion-mnist", forget_set="class-0", seed=0,
+                           preset="default", evaluators=("forget_accuracy",))  # fmt: skip
             rows = store.read_metrics(execute(spec, results, Runtime(progress=False)) / "metrics.jsonl")
             out[method] = {
                 f"{r['metric']}[{r['subset']}]": r["value"] for r in rows if r["condition"] == MAIN
