@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import (
-    ONE_STEP,
     Attack,
     AttackContext,
     Finding,
@@ -31,24 +30,26 @@ from bench.errors import BenchError
 from bench.registry import ATTACKS
 from bench.sampling import autocast
 from bench.text.captions import fill
-from bench.text.model import PromptEncoder, TextDiffusionModel, TextOneStepGenerator
-from bench.text.tokenizer import MAX_LENGTH, clip_tokenizer
+from bench.text.model import TextDiffusionModel, TextOneStepGenerator
 from bench.training import ddpm_loss
 
 PLACEHOLDER = "<s1>"  # esd/train.sh --placeholder_token="<s1>"
 SRC = "Pham et al. ICLR 2024, esd/train.sh"
 
 
-class WithPlaceholder(PromptEncoder):
-    """A frozen copy of a text encoder with one more token, PLACEHOLDER: a row appended to its embedding table
-    (attacks.inversion.NewClass, the class tier's new-row table), trainable alone."""
+class WithPlaceholder(torch.nn.Module):
+    """A frozen copy of a text encoder (the tier's PromptEncoder or a Stable Diffusion folder's) with one more
+    token, PLACEHOLDER: a row appended to its embedding table (attacks.inversion.NewClass, the class tier's
+    new-row table), trainable alone."""
 
-    def __init__(self, encoder: PromptEncoder, init_row: int):
-        super().__init__(copy.deepcopy(encoder.text_model).requires_grad_(False), encoder.token_ids)
+    def __init__(self, encoder, init_row: int):
+        super().__init__()
+        self.text_model = copy.deepcopy(encoder.text_model).requires_grad_(False)
         table = self.text_model.get_input_embeddings().weight
         self.text_model.set_input_embeddings(NewClass(table, table[init_row]))
         self.new_row = table.shape[0]
-        self.tokenizer = copy.deepcopy(clip_tokenizer())
+        self.table_rows = encoder.table_rows  # token ids -> the table's rows, as the encoder maps them
+        self.tokenizer = copy.deepcopy(encoder.tokenizer)
         self.tokenizer.add_tokens([PLACEHOLDER])  # a token of its own, as the official script adds it
         self.placeholder_id = self.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
 
@@ -57,21 +58,23 @@ class WithPlaceholder(PromptEncoder):
         return self.text_model.get_input_embeddings().new
 
     def rows(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                             return_tensors="pt").input_ids  # fmt: skip
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
         new = ids == self.placeholder_id
-        rows = self.lookup.cpu()[ids.masked_fill(new, 0)]
-        return rows.masked_fill(new, self.new_row)
+        return self.table_rows(ids.masked_fill(new, 0)).masked_fill(new, self.new_row)
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        device = self.vector.device
+        return self.text_model(input_ids=self.rows(prompts).to(device)).last_hidden_state
 
 
-def initializer_row(encoder: PromptEncoder, names: tuple[str, ...]) -> tuple[str, int]:
+def initializer_row(encoder, names: tuple[str, ...]) -> tuple[str, int]:
     """(word, its row in the encoder's table): the first of the concept's names that is one CLIP token, as
     --initializer_token must be (the erased concept's own word in the official runs, e.g. "nude")."""
-    tokenizer = clip_tokenizer()
     for name in names:
-        ids = tokenizer(name).input_ids[1:-1]
+        ids = encoder.tokenizer(name).input_ids[1:-1]
         if len(ids) == 1:
-            return name, int(encoder.lookup[ids[0]])
+            return name, int(encoder.table_rows(torch.tensor(ids))[0])
     raise BenchError(f"textual inversion needs a one-token name to start from; {names} has none")
 
 
@@ -104,12 +107,6 @@ class TextualInversion(Attack):
     }  # fmt: skip
     metrics = (RECOVERED,)
 
-    def applies(self, model) -> str:
-        if not isinstance(model.encoder, PromptEncoder):
-            return ("it fits the tier's pixel-space teacher on real images; a Stable Diffusion model would need "
-                    "them through its VAE (not in this version)")  # fmt: skip
-        return ""
-
     def run(self, model: TextDiffusionModel, ctx: AttackContext, resume: Resume) -> list[Finding]:
         cfg = self.config
         unit = "textual-inversion"
@@ -121,10 +118,9 @@ class TextualInversion(Attack):
         _, row = initializer_row(model.encoder, forget_set.names(forget_set.forget[0]))
         encoder = WithPlaceholder(model.encoder, row).to(ctx.device)
         unet = copy.deepcopy(model.unet).requires_grad_(False).to(ctx.device)
-        if model.kind == ONE_STEP or isinstance(model, TextOneStepGenerator):
-            attacked = TextOneStepGenerator(unet, encoder, t_init=model.t_init)
-        else:
-            attacked = TextDiffusionModel(unet, encoder)
+        attacked = model.replaced(
+            unet=unet, encoder=encoder
+        )  # its kind, schedule (and a Stable Diffusion VAE)
         templates = forget_set.captions.templates
         opt = torch.optim.Adam([encoder.vector], lr=cfg.lr)
         g, step = ctx.seeded(unit), 0
@@ -134,7 +130,9 @@ class TextualInversion(Attack):
             opt.load_state_dict(state["opt"])
             g.set_state(state["rng"])
             step = state["step"]
-        xs = x[idx.flatten()]  # several forgotten concepts: one token for all of their images
+        # Several forgotten concepts: one token for all of their images; on a Stable Diffusion model their VAE
+        # latents, drawn once (as the methods that train on images draw them).
+        xs = model.encode_images(x[idx.flatten()], ctx.seeded(f"{unit}/latents"))
         bar = ctx.run.progress(cfg.steps, unit, initial=step)
         while step < cfg.steps:
             pick = torch.randint(len(xs), (cfg.batch_size,), generator=g)
@@ -148,7 +146,8 @@ class TextualInversion(Attack):
                     out = attacked.generate(z.to(ctx.device), context)
                 loss = ((out.float() - x0.to(ctx.device)) ** 2).mean()
             else:
-                loss = ddpm_loss(unet, x0, None, g, device=ctx.device, amp=ctx.amp, context=context)
+                loss = ddpm_loss(unet, x0, None, g, device=ctx.device, amp=ctx.amp, context=context,
+                                 abar=model.schedule.alphas_cumprod)  # fmt: skip
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

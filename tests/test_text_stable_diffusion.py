@@ -207,10 +207,47 @@ def test_bench_run_with_a_stable_diffusion_teacher(sd_dir, fmnist_dir, tmp_path,
         isinstance(gen, LatentTextOneStepGenerator) and gen.t_init == METHODS.get("text-sfd").Config().t_init
     )
     assert gen.sample(["a photo of a trouser"], [0], steps=50, guidance=1.0).shape == (1, 1, 16, 16)
-    # Textual inversion fits pixel-space images: on a Stable Diffusion run it says so and writes no row.
-    capsys.readouterr()
-    attack = ["attack", "--results", str(out), "--data-dir", str(fmnist_dir.parent), "--attacks",
-              "textual-inversion"]  # fmt: skip
-    assert main(attack) == 0
-    said = capsys.readouterr().out
-    assert said.count("textual-inversion: does not apply: it fits the tier's pixel-space") == len(SD_METHODS)
+    # Textual inversion attacks each of them: a recovered rate per run, from its own latents and VAE.
+    from bench import attack
+
+    cmd = ["attack", "--results", str(out), "--data-dir", str(fmnist_dir.parent), "--attacks",
+           "textual-inversion"]  # fmt: skip
+    assert main(cmd) == 0
+    rows = [r for r in attack.load_rows(out) if r["metric"] == "recovered"]
+    assert {r["method"] for r in rows} == set(SD_METHODS) and all(0 <= r["value"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("one_step", [False, True], ids=["multi-step", "one-step"])
+def test_textual_inversion_on_it_trains_one_word_on_the_vae_latents(sd_dir, fmnist_dir, tmp_path, one_step):
+    """The placeholder is a row appended to the pipeline's own vocabulary-sized table; the attack fits it on the
+    forgotten images' latents and samples through the VAE, the folder's weights untouched."""
+    from attacks.base import Resume
+    from attacks.textual_inversion import PLACEHOLDER, WithPlaceholder, initializer_row
+    from bench.config import resolve_config
+    from bench.registry import ATTACKS
+    from bench.text.captions import FASHION_MNIST
+    from tests.test_text_attacks import NAME, _context
+
+    model = LatentTextDiffusionModel.load(sd_dir)
+    if one_step:
+        model = model.one_step(model.unet, t_init=625)
+    word, row = initializer_row(model.encoder, FASHION_MNIST.concepts[0].names)
+    assert word == "tee" and row == clip_tokenizer().convert_tokens_to_ids("tee</w>")
+    inv = WithPlaceholder(model.encoder, row)
+    assert inv.new_row == len(clip_tokenizer())
+    with torch.no_grad():
+        assert torch.equal(inv([f"a photo of a {PLACEHOLDER}"]), model.encoder(["a photo of a tee"]))
+    before = {
+        k: v.clone() for k, v in [*model.unet.state_dict().items(), *model.encoder.state_dict().items()]
+    }
+    cls = ATTACKS.get(NAME)
+    ctx = _context(tmp_path, fmnist_dir.parent, image_size=16)
+    sampled = []
+    sample = ctx.sample
+    ctx.sample = lambda m, prompts, seeds: sampled.append(m) or sample(m, prompts, seeds)
+    found = cls(resolve_config(cls, "smoke", {})).run(model, ctx, Resume(ctx.run))
+    assert found[0].metric.key == "recovered[forget]" and found[0].n == 4
+    assert type(sampled[0]) is type(model) and sampled[0].vae is model.vae
+    assert isinstance(sampled[0].encoder, WithPlaceholder) and sampled[0].schedule is model.schedule
+    after = {**model.unet.state_dict(), **model.encoder.state_dict()}
+    assert all(torch.equal(v, after[k]) for k, v in before.items())

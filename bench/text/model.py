@@ -108,11 +108,19 @@ class PromptEncoder(nn.Module):
     def width(self) -> int:
         return self.text_model.config.hidden_size
 
+    @property
+    def tokenizer(self):
+        return clip_tokenizer()
+
+    def table_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of the compact embedding table that CLIP BPE ids map onto (row 0: any other token)."""
+        return self.lookup.cpu()[ids]
+
     def rows(self, prompts: list[str]) -> torch.Tensor:
         """The encoder's input ids of `prompts`: CLIP BPE ids, padded to 77, mapped onto the compact table."""
         ids = clip_tokenizer()(list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True,
                                return_tensors="pt").input_ids  # fmt: skip
-        return self.lookup[ids]
+        return self.table_rows(ids)
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         device = self.lookup.device
@@ -170,6 +178,13 @@ class TextDiffusionModel:
     def with_unet(self, unet: UNet2DConditionModel) -> TextDiffusionModel:
         """This model with another UNet (a method's result): the same kind, text encoder and schedule."""
         return TextDiffusionModel(unet, copy.deepcopy(self.encoder), self.schedule)
+
+    def replaced(self, **parts) -> TextDiffusionModel:
+        """This model with some of its parts (`unet`, `encoder`) replaced, the rest (its kind, schedule, VAE,
+        t_init) shared: what an attack samples from after it changed one."""
+        model = copy.copy(self)
+        vars(model).update(parts)
+        return model
 
     def one_step(self, unet: UNet2DConditionModel, t_init: int) -> TextOneStepGenerator:
         """A one-step generator distilled from this model (text-sfd's result), on its text encoder and schedule."""

@@ -83,10 +83,16 @@ class PipelinePromptEncoder(nn.Module):
     def width(self) -> int:
         return self.text_model.config.hidden_size
 
+    def table_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The text encoder's embedding rows of token ids: the ids themselves (its table is the vocabulary's)."""
+        return ids
+
+    def rows(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids  # fmt: skip
+
     def forward(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
-        return self.text_model(input_ids=ids.to(self.text_model.device)).last_hidden_state
+        return self.text_model(input_ids=self.rows(prompts).to(self.text_model.device)).last_hidden_state
 
     def save(self, directory: Path) -> None:
         quiet_transformers()
