@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a sweep file (sweeps/*.toml); flags given here override its keys")  # fmt: skip
     run.add_argument("--methods", type=_csv, default=None, help="comma-separated (default: all but oracles)")
     run.add_argument("--datasets", type=_csv, default=None,
-                     help="comma-separated; imagefolder:PATH for a folder of labelled images")  # fmt: skip
+                     help="comma-separated; imagefolder:PATH for a folder of labelled images, textfolder:PATH for one "
+                          "with a captions.json of each class's words (the text tier)")  # fmt: skip
     run.add_argument("--forget-sets", type=_csv, default=None,
                      help="comma-separated (default: class-0); all-classes: class-0 .. class-(K-1)")  # fmt: skip
     run.add_argument("--seeds", type=_seeds, default=None, help="comma-separated integers (default: 0)")

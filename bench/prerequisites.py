@@ -44,10 +44,16 @@ def _models_key(spec: RunSpec) -> tuple:
 
 
 def _models_missing(spec: RunSpec, runtime: Runtime) -> bool:
+    from bench.text.pretrain import image_judge_missing
+    from bench.text.run import is_text
+
     preset = get_preset(spec.preset)
     dataset = make_dataset(spec.dataset, data_dir=runtime.data_dir, image_size=preset.image_size)
     recipe = model_store.recipe_preset(dataset.name, preset, _teacher_seed())
     found = model_store.find_models(dataset.name, recipe.model_key, _teacher_seed())
+    if is_text(dataset):  # its judge is its images' (bench/text/pretrain.py), its teacher maybe a folder
+        teacher_missing = found is None and not spec.teacher_path
+        return teacher_missing or image_judge_missing(dataset, recipe, _teacher_seed())
     if found is not None:
         return False
     if not spec.teacher_path:

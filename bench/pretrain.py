@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -43,6 +44,30 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
     h, w = x.shape[-2:]
     return padded[..., 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+
+
+def stored_judge(dataset: Dataset, recipe: Preset, *, seed: int, device: torch.device) -> Path:
+    """The judge folder of a class-tier dataset at `recipe`, verified: the store's (beside its teacher), else one
+    trained alone now into the user store, where a later pretrain reuses it (for an external teacher, or a text
+    folder's concepts scored on its images)."""
+    found = store.find_models(dataset.name, recipe.model_key, seed)
+    if found is not None:
+        store.verify(found)
+        return found / "judge"
+    out = store.model_dir(store.user_store(), dataset.name, recipe.model_key, seed) / "judge"
+    with store.locked(out):
+        if not (out / "model.safetensors").is_file():
+            log.info("no judge for %s at preset %s: training it now with the %s recipe (%d epochs) into %s",
+                     dataset.name, recipe.model_key, recipe.model_key, recipe.judge.epochs, out)  # fmt: skip
+            judge, acc = train_judge(dataset, recipe, seed=seed, device=device)
+            log.info("judge test accuracy %.4f", acc)
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            store.save_judge(judge, tmp, widths=recipe.judge.widths)
+            store.write_judge_checksums(tmp)
+            tmp.rename(out)
+    store.verify_judge(out)  # no manifest there: the judge's own checksums.json
+    return out
 
 
 def train_judge(
@@ -232,9 +257,9 @@ def pretrain_named(dataset: str, preset: str, *, seed: int, out_root: Path, data
     world = distributed.init_job(device)
     torch_device = Runtime(device=distributed.rank_device(device, world)).torch_device
     torch.manual_seed(seed)
-    if (
-        getattr(data, "captions", None) is not None
-    ):  # the text-conditional tier's teacher and CLIP (bench/text)
+    from bench.text.run import is_text
+
+    if is_text(data):  # the text-conditional tier's teacher and CLIP (bench/text)
         from bench.text.clip import clip_dir, pretrain_clip
         from bench.text.model import text_recipe
         from bench.text.pretrain import pretrain_text

@@ -88,12 +88,9 @@ def load_models(dataset, preset, *, teacher_path: str = "", device=None, amp: bo
     if teacher_path:
         teacher = model_store.load_external_teacher(Path(teacher_path), dataset=dataset.name, image_size=dataset.image_size,
                                                     channels=dataset.channels, num_classes=dataset.num_classes)  # fmt: skip
-        if found is not None:
-            model_store.verify(found)
-            judge_dir = found / "judge"
-        else:
-            judge_dir = _train_judge(dataset, recipe, device=device)
-            model_store.verify_judge(judge_dir)  # no manifest there: the judge's own checksums.json
+        from bench.pretrain import stored_judge
+
+        judge_dir = stored_judge(dataset, recipe, seed=TEACHER_SEED, device=device)
         return teacher, model_store.load_judge(judge_dir), {"path": teacher_path, "judge": str(judge_dir)}
     if found is None:
         found = _train_models(dataset, recipe, device=device, amp=amp)
@@ -120,28 +117,6 @@ def _train_models(dataset, recipe, *, device, amp: bool) -> Path:
             # The manifest's recognisability check samples as many images per class as the preset's grid.
             pretrain(dataset, recipe, seed=TEACHER_SEED, out_root=root, device=device, amp=amp,
                      check_per_class=recipe.eval_per_class)  # fmt: skip
-    return out
-
-
-def _train_judge(dataset, recipe, *, device) -> Path:
-    """The judge alone (for an external teacher) in the user store, where a later pretrain reuses it."""
-    from bench.pretrain import train_judge
-
-    out = (
-        model_store.model_dir(model_store.user_store(), dataset.name, recipe.model_key, TEACHER_SEED)
-        / "judge"
-    )
-    with model_store.locked(out):
-        if not (out / "model.safetensors").is_file():
-            log.info("no judge for %s at preset %s: training it now with the %s recipe (%d epochs) into %s",
-                     dataset.name, recipe.model_key, recipe.model_key, recipe.judge.epochs, out)  # fmt: skip
-            judge, acc = train_judge(dataset, recipe, seed=TEACHER_SEED, device=device)
-            log.info("judge test accuracy %.4f", acc)
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model_store.save_judge(judge, tmp, widths=recipe.judge.widths)
-            model_store.write_judge_checksums(tmp)
-            tmp.rename(out)
     return out
 
 
@@ -399,7 +374,8 @@ def guidances(preset, dataset: str = "") -> tuple[float, ...]:
     """The guidance scales every run of this preset on `dataset` is evaluated at, main first. The text tier's runs
     only at the main one: another would double its sampling, the larger part of its default sweep's 15 minutes
     (README); its one-step generator (text-sfd) is read beside the multi-step models at their main guidance."""
-    if dataset in DATASETS and is_text(DATASETS.get(dataset)):  # imagefolder:PATH is no registered name
+    kind = dataset.partition(":")[0]  # textfolder:PATH is a text dataset; imagefolder:PATH is not
+    if kind in DATASETS and is_text(DATASETS.get(kind)):
         return (preset.guidance,)
     return preset.conditions
 

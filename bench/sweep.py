@@ -27,7 +27,7 @@ COUNTS = ("workers", "nproc", "checkpoint_every")  # whole numbers of at least 1
 # Every key a sweep file may hold, with what it is; the error for an unknown key lists them.
 KEYS = {
     "methods": "method names (default: all but the oracles)",
-    "datasets": "dataset names, imagefolder:PATH for a folder",
+    "datasets": "dataset names, imagefolder:PATH or textfolder:PATH for a folder",
     "forget_sets": "forget set names; all-classes = class-0 .. class-(K-1)",
     "seeds": "integers",
     "preset": "smoke, default or paper",

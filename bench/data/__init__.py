@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.data import celeba, cifar10, fashion_mnist, imagefolder  # noqa: F401
+from bench.data import celeba, cifar10, fashion_mnist, imagefolder, textfolder  # noqa: F401
 from bench.errors import BenchError
 from bench.registry import DATASETS
 
 
 def make_dataset(name: str, *, data_dir: Path | None = None, image_size: int | None = None):
-    """The dataset a name on the command line means: a registered name, or `kind:PATH` (`imagefolder:PATH`)."""
+    """The dataset a name on the command line means: a registered name, or `kind:PATH` (`imagefolder:PATH`,
+    `textfolder:PATH`)."""
     kind, sep, path = name.partition(":")
     cls = DATASETS.get(kind)
     if not getattr(cls, "takes_path", False):

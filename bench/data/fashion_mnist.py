@@ -86,6 +86,7 @@ class FashionMNISTText(FashionMNIST):
     dataset. Its teacher is text-to-image; its judge is Fashion-MNIST's."""
 
     name = "fashion-mnist-text"
+    tier = "text"
     image_dataset = "fashion-mnist"
     captions = FASHION_MNIST_CAPTIONS
 

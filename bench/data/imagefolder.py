@@ -147,6 +147,7 @@ class ImageFolder(Dataset):
 
     version = "1"
     takes_path = True  # named as imagefolder:PATH
+    kind = "imagefolder"  # its name on the command line (and in its messages)
 
     def __init__(
         self, data_dir: Path | None = None, image_size: int | None = None, path: str | Path | None = None
@@ -219,14 +220,14 @@ class ImageFolder(Dataset):
 
     def _check_folders(self) -> None:
         if self.root is None:
-            raise BenchError("dataset imagefolder needs its folder: --datasets imagefolder:PATH")
+            raise BenchError(f"dataset {self.kind} needs its folder: --datasets {self.kind}:PATH")
         if not (self.root / "train").is_dir():
             raise BenchError(
-                f"imagefolder: {self.root / 'train'} not found; expected {self.root}/train/<class name>/*.png|jpg "
+                f"{self.kind}: {self.root / 'train'} not found; expected {self.root}/train/<class name>/*.png|jpg "
                 f"(one subfolder per class) and optionally {self.root}/test/<class name>/"
             )
         if len(_subfolders(self.root / "train")) < 2:
-            raise BenchError(f"imagefolder: {self.root / 'train'} needs at least two class subfolders")
+            raise BenchError(f"{self.kind}: {self.root / 'train'} needs at least two class subfolders")
 
     def forget_sets(self) -> list[str]:
         if self.root is None:
@@ -238,7 +239,7 @@ class ImageFolder(Dataset):
         pairs = self._layout["files"][split]
         paths, labels = [p for p, _ in pairs], np.array([k for _, k in pairs], np.int64)
         if not paths:
-            raise BenchError(f"imagefolder {self.root}: the {split} split is empty")
+            raise BenchError(f"{self.kind} {self.root}: the {split} split is empty")
         key = fingerprint(paths, [self.image_size, self._layout["gray"]])
         return cached_arrays(
             f"{self.name}-{split}-{self.image_size}", key,

@@ -22,6 +22,7 @@ from bench.errors import BenchError
 from bench.models import store
 from bench.models.judge import judge_probs
 from bench.presets import Preset, get_preset
+from bench.pretrain import stored_judge
 from bench.text.captions import NULL_PROMPT, Captions
 from bench.text.model import PromptEncoder, TextDiffusionModel, TextTeacherRecipe, build_text_unet
 from bench.training import EMA, ddpm_loss, load_state, remove_state, save_state, warmup_lambda
@@ -108,15 +109,29 @@ def recognisability_by_kind(teacher: TextDiffusionModel, judge, captions: Captio
     return out
 
 
-def image_models(dataset: Dataset, preset: Preset, seed: int) -> Path:
-    """The image dataset's store folder, whose judge checks the text teacher."""
+def image_judge_missing(dataset: Dataset, preset: Preset, seed: int) -> bool:
+    """Whether image_judge would have to train the judge (a text folder's, not yet in either store)."""
+    if (images := getattr(dataset, "image_folder", None)) is None:
+        return False  # a registered image dataset's judge ships, or image_judge says what to pretrain
+    key = store.recipe_preset(images.name, get_preset(preset.name), seed).model_key
+    user = store.model_dir(store.user_store(), images.name, key, seed) / "judge" / "model.safetensors"
+    return store.find_models(images.name, key, seed) is None and not user.is_file()
+
+
+def image_judge(dataset: Dataset, preset: Preset, seed: int, *, device: torch.device) -> Path:
+    """The judge folder (verified) that scores the text dataset's images: its image dataset's (fashion-mnist's,
+    shipped), or for a text folder the class tier's judge of the same images, trained now when missing."""
+    if (images := getattr(dataset, "image_folder", None)) is not None:
+        recipe = store.recipe_preset(images.name, get_preset(preset.name), seed)
+        return stored_judge(images, recipe, seed=seed, device=device)
     key = store.recipe_preset(dataset.image_dataset, get_preset(preset.name), seed).model_key
     found = store.find_models(dataset.image_dataset, key, seed)
     if found is None:
         raise BenchError(f"{dataset.name}'s teacher is checked with the judge of {dataset.image_dataset}, and there "
                          f"is none for preset {key}, seed {seed}: run `python -m bench pretrain "
                          f"--dataset {dataset.image_dataset} --preset {key} --seed {seed}` first")  # fmt: skip
-    return found
+    store.verify(found)
+    return found / "judge"
 
 
 def pretrain_text(dataset: Dataset, preset: Preset, recipe: TextTeacherRecipe, *, seed: int, out_root: Path,
@@ -124,7 +139,7 @@ def pretrain_text(dataset: Dataset, preset: Preset, recipe: TextTeacherRecipe, *
     """Train (or finish training) the text teacher for (dataset, preset, seed) into the store, check it with the
     image dataset's judge and write its manifest."""
     out = store.model_dir(out_root, dataset.name, preset.model_key, seed)
-    judge_dir = image_models(dataset, preset, seed) / "judge"
+    judge_dir = image_judge(dataset, preset, seed, device=device)
     judge = store.load_judge(judge_dir)
     t0 = time.time()
     teacher = train_text_teacher(dataset, dataset.captions, recipe, seed=seed, device=device, amp=amp,

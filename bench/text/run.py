@@ -14,14 +14,15 @@ from bench.models import store
 from bench.presets import Preset
 from bench.text.captions import Captions
 from bench.text.model import TextDiffusionModel, text_recipe
-from bench.text.pretrain import KINDS, image_models, pretrain_text
+from bench.text.pretrain import KINDS, image_judge, pretrain_text
 from bench.text.stable_diffusion import LatentTextDiffusionModel, check_pipeline_teacher
 
 log = logging.getLogger(__name__)
 
 
-def is_text(dataset: Dataset) -> bool:
-    return getattr(dataset, "captions", None) is not None
+def is_text(dataset: Dataset | type[Dataset]) -> bool:
+    """A dataset (or dataset class) of the text tier: its conditions are prompts, its forget sets concepts."""
+    return getattr(dataset, "tier", "class") == "text"
 
 
 def load_text_models(dataset: Dataset, preset: Preset, *, seed: int, device: torch.device, amp: bool,
@@ -32,13 +33,9 @@ def load_text_models(dataset: Dataset, preset: Preset, *, seed: int, device: tor
     if teacher_path:
         check_pipeline_teacher(Path(teacher_path), dataset=dataset.name,
                                shape=(dataset.channels, dataset.image_size, dataset.image_size))  # fmt: skip
-        judge_dir = image_models(dataset, recipe, seed)
-        store.verify(judge_dir)
-        teacher, judge = (
-            LatentTextDiffusionModel.load(Path(teacher_path)),
-            store.load_judge(judge_dir / "judge"),
-        )
-        return teacher, judge, {"path": teacher_path, "judge": str(judge_dir / "judge")}
+        judge_dir = image_judge(dataset, recipe, seed, device=device)
+        teacher, judge = LatentTextDiffusionModel.load(Path(teacher_path)), store.load_judge(judge_dir)
+        return teacher, judge, {"path": teacher_path, "judge": str(judge_dir)}
     found = store.find_models(dataset.name, recipe.model_key, seed)
     if found is None:
         out = store.model_dir(store.user_store(), dataset.name, recipe.model_key, seed)
@@ -50,11 +47,10 @@ def load_text_models(dataset: Dataset, preset: Preset, *, seed: int, device: tor
                               device=device, amp=amp, check_per_class=recipe.eval_per_class)  # fmt: skip
         found = out
     manifest = store.verify(found)
-    judge_dir = image_models(dataset, recipe, seed)
-    store.verify(judge_dir)
+    judge_dir = image_judge(dataset, recipe, seed, device=device)
     teacher = TextDiffusionModel.load(found / "teacher")
-    return teacher, store.load_judge(judge_dir / "judge"), {"path": str(found), "command": manifest.get("command"),
-                                                            "judge": str(judge_dir / "judge")}  # fmt: skip
+    return teacher, store.load_judge(judge_dir), {"path": str(found), "command": manifest.get("command"),
+                                                  "judge": str(judge_dir)}  # fmt: skip
 
 
 def per_kind(preset: Preset) -> int:
