@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.config import JUDGE_CLIP
 from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ class _Loaded:
                 raise BenchError(f"the {spec['dataset']} files in {data['root']} are not those run "
                                  f"{spec['run_id']} was made on: check --data-dir / BENCH_DATA_DIR")  # fmt: skip
             teacher, judge, _ = load_models(dataset, self.preset, teacher_path=spec.get("teacher_path", ""),
-                                            device=runtime.torch_device, amp=runtime.amp)  # fmt: skip
+                                            device=runtime.torch_device, amp=runtime.amp,
+                                            judge_clip=spec.get("options", {}).get(JUDGE_CLIP, ""))  # fmt: skip
             teacher.unet.to(runtime.torch_device)
             self._models = (dataset, dataset.forget_set(spec["forget_set"]), teacher, judge)
         return self._models

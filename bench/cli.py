@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--clip-model", type=Path, default=None, help="transformers CLIP folder: enables clip_score"
     )
+    run.add_argument("--judge", choices=["trained", "clip"], default=None,
+                     help="text tier: what classifies the generations: the judge trained on the dataset's images "
+                          "(default), or a zero-shot CLIP over its concepts' names (needs --clip-model)")  # fmt: skip
     run.add_argument("--fid-reference", choices=["train", "test"], default=None,
                      help="real images of the Frechet distances: the retained classes' train or test split "
                      "(default: the preset's; paper: train, as the papers)")  # fmt: skip
@@ -384,12 +387,28 @@ def _evaluators(args, tiers) -> dict[str, tuple[tuple[str, ...], tuple[tuple[str
         options: dict[str, str] = {}
         for e in names:
             options.update(EVALUATORS.get(e).resolve_options(given, tier))
+        if getattr(args, "judge", None) == "clip":
+            options.update(_zero_shot_judge(given, tier))
+            used.add("clip_model")
         used |= set(options)
         out[tier] = (tuple(names), tuple(sorted(options.items())))
     for key, value in given.items():
         if value and key not in used:
             log.warning("--%s is unused: no evaluator in --evaluators reads it", key.replace("_", "-"))
     return out
+
+
+def _zero_shot_judge(given: dict, tier: str) -> dict[str, str]:
+    """--judge clip: the run option naming the CLIP folder of its zero-shot judge (bench/text/zero_shot.py)."""
+    from bench.config import JUDGE_CLIP
+    from evaluators.clip_score import check_clip_dir
+
+    if tier != "text":
+        raise BenchError("--judge clip: a zero-shot judge over concept names is the text tier's; the class tier's "
+                         "datasets are judged by their trained judge")  # fmt: skip
+    if not given.get("clip_model"):
+        raise BenchError("--judge clip needs --clip-model DIR, the local CLIP folder it classifies with")
+    return {JUDGE_CLIP: str(check_clip_dir(Path(given["clip_model"])))}
 
 
 def summary_table(rows, results: Path | None = None) -> str:

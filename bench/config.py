@@ -20,6 +20,8 @@ SCHEMA_VERSION = 1
 LR_SCALE = "lr_scale"
 # `all.FIELD` in --set or a sweep file's [set]: that field of every method in the sweep that has it.
 ALL = "all"
+# The run option (RunSpec.options) naming the local CLIP folder of a zero-shot judge (--judge clip, the text tier).
+JUDGE_CLIP = "judge_clip"
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ class RunSpec:
         d["options"] = tuple(sorted(d.get("options", {}).items()))
         d["evaluators"] = tuple(d["evaluators"])
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+    @property
+    def judge_clip(self) -> str:
+        """The local CLIP folder of a zero-shot judge (--judge clip, the text tier), or "": the trained judge."""
+        return dict(self.options).get(JUDGE_CLIP, "")
 
     @property
     def run_id(self) -> str:

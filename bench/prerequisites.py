@@ -53,7 +53,9 @@ def _models_missing(spec: RunSpec, runtime: Runtime) -> bool:
     found = model_store.find_models(dataset.name, recipe.model_key, _teacher_seed())
     if is_text(dataset):  # its judge is its images' (bench/text/pretrain.py), its teacher maybe a folder
         teacher_missing = found is None and not spec.teacher_path
-        return teacher_missing or image_judge_missing(dataset, recipe, _teacher_seed())
+        return teacher_missing or (
+            not spec.judge_clip and image_judge_missing(dataset, recipe, _teacher_seed())
+        )
     if found is not None:
         return False
     if not spec.teacher_path:
@@ -110,9 +112,8 @@ def satisfy(need: Need, runtime: Runtime, folder: Path) -> None:
     preset = get_preset(spec.preset)
     dataset = make_dataset(spec.dataset, data_dir=runtime.data_dir, image_size=preset.image_size)
     device = runtime.torch_device
-    teacher, _, _ = runner.load_models(
-        dataset, preset, teacher_path=spec.teacher_path, device=device, amp=runtime.amp
-    )
+    teacher, _, _ = runner.load_models(dataset, preset, teacher_path=spec.teacher_path, device=device,
+                                       amp=runtime.amp, judge_clip=spec.judge_clip)  # fmt: skip
     if need.kind == "prepare":
         method_cls = METHODS.get(spec.method)
         method = method_cls(resolve_config(method_cls, spec.preset, dict(spec.overrides)))

@@ -69,19 +69,21 @@ def environment(device: torch.device) -> dict:
             "torch_threads": torch.get_num_threads(), "versions": versions}  # fmt: skip
 
 
-def load_models(dataset, preset, *, teacher_path: str = "", device=None, amp: bool = False):
+def load_models(
+    dataset, preset, *, teacher_path: str = "", device=None, amp: bool = False, judge_clip: str = ""
+):
     """The (teacher, judge, info) for this dataset and preset, checksum-verified.
 
     They come from the model store (shipped, else the user's); when neither has them they are trained now with
     the recipe of models.store.recipe_preset() into the user store, and cached there for later runs.
     `teacher_path` (--teacher) replaces the teacher by an external diffusers UNet (on the text tier: a Stable
-    Diffusion folder); the judge still comes from the store (trained alone when missing).
+    Diffusion folder); the judge still comes from the store (trained alone when missing). `judge_clip` (the text
+    tier's --judge clip) replaces the judge by a zero-shot one of that local CLIP folder.
     """
     device = device or torch.device("cpu")
     if is_text(dataset):
-        return load_text_models(
-            dataset, preset, seed=TEACHER_SEED, device=device, amp=amp, teacher_path=teacher_path
-        )
+        return load_text_models(dataset, preset, seed=TEACHER_SEED, device=device, amp=amp,
+                                teacher_path=teacher_path, judge_clip=judge_clip)  # fmt: skip
     recipe = model_store.recipe_preset(dataset.name, preset, TEACHER_SEED)
     found = model_store.find_models(dataset.name, recipe.model_key, TEACHER_SEED)
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
@@ -274,9 +276,8 @@ def execute(spec: RunSpec, results: Path, runtime: Runtime, *, force: bool = Fal
     evaluators = [EVALUATORS.get(name)() for name in spec.evaluators]
     anchors = method_cls(config).anchors(forget_set)
     with phases("load"):
-        teacher, judge, teacher_info = load_models(
-            dataset, preset, teacher_path=spec.teacher_path, device=device, amp=runtime.amp
-        )
+        teacher, judge, teacher_info = load_models(dataset, preset, teacher_path=spec.teacher_path, device=device,
+                                                   amp=runtime.amp, judge_clip=spec.judge_clip)  # fmt: skip
     if not world.is_main:
         return _help_unlearn(spec, d, runtime, method_cls(config), teacher, preset, dataset, forget_set,
                              world)  # fmt: skip

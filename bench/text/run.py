@@ -16,6 +16,7 @@ from bench.text.captions import Captions
 from bench.text.model import TextDiffusionModel, text_recipe
 from bench.text.pretrain import KINDS, image_judge, pretrain_text
 from bench.text.stable_diffusion import LatentTextDiffusionModel, check_pipeline_teacher
+from bench.text.zero_shot import zero_shot_judge
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,20 @@ def is_text(dataset: Dataset | type[Dataset]) -> bool:
 
 
 def load_text_models(dataset: Dataset, preset: Preset, *, seed: int, device: torch.device, amp: bool,
-                     teacher_path: str = ""):  # fmt: skip
+                     teacher_path: str = "", judge_clip: str = ""):  # fmt: skip
     """(teacher, judge, info): the text teacher of the store (trained now into the user store when neither store
-    has it), checksum-verified, or the Stable Diffusion folder `teacher_path`, and the image dataset's judge."""
+    has it), checksum-verified, or the Stable Diffusion folder `teacher_path`, and the image dataset's judge (or,
+    with `judge_clip`, a zero-shot judge of that local CLIP: bench/text/zero_shot.py)."""
     recipe = store.recipe_preset(dataset.name, preset, seed)
     if teacher_path:
         check_pipeline_teacher(Path(teacher_path), dataset=dataset.name,
                                shape=(dataset.channels, dataset.image_size, dataset.image_size))  # fmt: skip
-        judge_dir = image_judge(dataset, recipe, seed, device=device)
-        teacher, judge = LatentTextDiffusionModel.load(Path(teacher_path)), store.load_judge(judge_dir)
-        return teacher, judge, {"path": teacher_path, "judge": str(judge_dir)}
+        judge, where = _judge(dataset, recipe, seed, device=device, judge_clip=judge_clip)
+        return (
+            LatentTextDiffusionModel.load(Path(teacher_path)),
+            judge,
+            {"path": teacher_path, "judge": where},
+        )
     found = store.find_models(dataset.name, recipe.model_key, seed)
     if found is None:
         out = store.model_dir(store.user_store(), dataset.name, recipe.model_key, seed)
@@ -47,10 +52,17 @@ def load_text_models(dataset: Dataset, preset: Preset, *, seed: int, device: tor
                               device=device, amp=amp, check_per_class=recipe.eval_per_class)  # fmt: skip
         found = out
     manifest = store.verify(found)
-    judge_dir = image_judge(dataset, recipe, seed, device=device)
+    judge, where = _judge(dataset, recipe, seed, device=device, judge_clip=judge_clip)
     teacher = TextDiffusionModel.load(found / "teacher")
-    return teacher, store.load_judge(judge_dir), {"path": str(found), "command": manifest.get("command"),
-                                                  "judge": str(judge_dir)}  # fmt: skip
+    return teacher, judge, {"path": str(found), "command": manifest.get("command"), "judge": where}
+
+
+def _judge(dataset: Dataset, recipe: Preset, seed: int, *, device: torch.device, judge_clip: str):
+    """(judge, where it came from): the zero-shot CLIP one when asked for, else the trained judge of the images."""
+    if judge_clip:
+        return zero_shot_judge(judge_clip, dataset.captions), f"zero-shot CLIP {judge_clip}"
+    judge_dir = image_judge(dataset, recipe, seed, device=device)
+    return store.load_judge(judge_dir), str(judge_dir)
 
 
 def per_kind(preset: Preset) -> int:
