@@ -22,7 +22,7 @@ NAMES = (
     "forget_sets",
     "evaluators",
 )  # lists of names (a single string is a list of one)
-TEXT = ("preset", "cluster", "device", "fid_reference")
+TEXT = ("preset", "cluster", "device", "fid_reference", "judge")
 COUNTS = ("workers", "nproc", "checkpoint_every")  # whole numbers of at least 1
 # Every key a sweep file may hold, with what it is; the error for an unknown key lists them.
 KEYS = {
@@ -43,8 +43,13 @@ KEYS = {
     "amp": "true: bf16 autocast",
     "checkpoint_every": "steps between state dumps",
     "fid_reference": "train or test",
+    "judge": "text tier: trained (default) or clip (a zero-shot judge of --clip-model)",
 }
-CHOICES = {"launcher": ("inline", "local", "slurm"), "fid_reference": ("train", "test")}
+CHOICES = {
+    "launcher": ("inline", "local", "slurm"),
+    "fid_reference": ("train", "test"),
+    "judge": ("trained", "clip"),
+}
 
 
 @dataclass
