@@ -8,5 +8,6 @@ BENCHMARKS = {
     "time_to_forget": "benchmarks.time_to_forget",
     "robustness": "benchmarks.robustness",
     "budget_calibration": "benchmarks.budget_calibration",
+    "budget_calibration_text": "benchmarks.budget_calibration_text",
     "text_sweep": "benchmarks.text_sweep",
 }

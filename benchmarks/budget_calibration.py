@@ -1,5 +1,6 @@
 """Budget calibration: each method's unlearning seconds as a fixed cost plus a cost per iteration, at the default
-preset on fashion-mnist, which `bench run --budget-s S` turns into iterations (bench/budget.py).
+preset on fashion-mnist (and, `budget_calibration_text`, the text tier's methods on fashion-mnist-text), which
+`bench run --budget-s S` turns into iterations (bench/budget.py).
 
 Each method unlearns class 0 once at its preset's iteration count, with the run's clock read after every iteration
 (state dumps every 50 steps, as in a run; the per-iteration probe's own time is not counted). The cost per iteration
@@ -29,12 +30,17 @@ from bench.store import atomic_write_text
 from benchmarks.common import OUT, iteration_clock, markdown, publish
 from benchmarks.time_to_forget import DATASET, FORGET_SET, METHODS_TIMED
 
+# The text tier's methods that take a budget (text-uce is a closed-form edit), on its dataset's first concept.
+TEXT_METHODS = ("text-esd-u", "text-esd-x", "text-finetune", "text-salun", "text-sa", "text-sfd")
+TEXT_DATASET, TEXT_FORGET_SET = "fashion-mnist-text", "concept-t-shirt"
+
 
 def run(device: torch.device, *, amp: bool = False, methods: tuple[str, ...] = METHODS_TIMED, preset: str = "default",
-        out=OUT, asset=budget.CALIBRATION) -> dict:  # fmt: skip
-    dataset = make_dataset(DATASET, image_size=get_preset(preset).image_size)
+        out=OUT, asset=budget.CALIBRATION, dataset_name: str = DATASET, forget_set_name: str = FORGET_SET,
+        name: str = "budget_calibration") -> dict:  # fmt: skip
+    dataset = make_dataset(dataset_name, image_size=get_preset(preset).image_size)
     teacher, _, _ = load_models(dataset, get_preset(preset), device=device)
-    forget_set = dataset.forget_set(FORGET_SET)
+    forget_set = dataset.forget_set(forget_set_name)
     costs = {}
     for method in methods:
         n = resolve_config(METHODS.get(method), preset, {}).iterations
@@ -46,19 +52,25 @@ def run(device: torch.device, *, amp: bool = False, methods: tuple[str, ...] = M
         costs[method] = {"fixed_s": round(clock[0] - per, 3), "per_iteration_s": round(per, 5), "iterations": n,
                          "measured_s": round(clock[-1], 2)}  # fmt: skip
         print(f"  {method}: {costs[method]}", flush=True)
-    figures = {"preset": preset, "dataset": DATASET, "device": str(device), "amp": amp, "methods": costs}
+    figures = {"preset": preset, "dataset": dataset_name, "device": str(device), "amp": amp, "methods": costs}
     if asset is not None and device.type == "cpu" and not amp:
-        _ship(asset, preset, costs, device)
-    return publish("budget_calibration", figures, table, out)
+        _ship(asset, preset, dataset_name, costs, device, name)
+    return publish(name, figures, table, out)
 
 
-def _ship(path, preset: str, costs: dict, device: torch.device) -> None:
+def run_text(device: torch.device, *, amp: bool = False, **kwargs) -> dict:
+    """`bench perf budget_calibration_text`: the text tier's budgeted methods, into the same shipped file."""
+    return run(device, amp=amp, **{"methods": TEXT_METHODS, "dataset_name": TEXT_DATASET,
+                                   "forget_set_name": TEXT_FORGET_SET, "name": "budget_calibration_text", **kwargs})  # fmt: skip
+
+
+def _ship(path, preset: str, dataset: str, costs: dict, device: torch.device, name: str) -> None:
     """Merge this (preset, dataset)'s costs into the shipped calibration."""
     table = json.loads(path.read_text()) if path.is_file() else {}
-    table[budget.key(preset, DATASET)] = {
+    table[budget.key(preset, dataset)] = {
         "machine": f"{_cpu()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
         "device": str(device), "torch": torch.__version__, "measured": time.strftime("%Y-%m-%d"),
-        "command": "OMP_NUM_THREADS=2 python -m bench perf budget_calibration", "methods": costs,
+        "command": f"OMP_NUM_THREADS=2 python -m bench perf {name}", "methods": costs,
     }  # fmt: skip
     atomic_write_text(path, json.dumps(table, indent=2, sort_keys=True) + "\n")
     budget._read.cache_clear()

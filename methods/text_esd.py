@@ -38,7 +38,6 @@ from methods.esd import NOT_IN_ESD_U, esd_target, old_esd_time, old_esd_xt
 
 SCRIPT = "ESD train-scripts/train-esd.py"
 TEXT_TRAIN_METHODS = ("esd-u", "esd-x", "full")
-NOT_BUDGETED = "the --budget-s calibration covers the class-conditional tier only"
 
 
 def text_trainable(name: str, method: str) -> bool:
@@ -89,7 +88,6 @@ class TextESD(Method):
     paper = "Gandikota et al., Erasing Concepts from Diffusion Models, ICCV 2023; ESD-u, official SD script"
     Config = TextESDConfig
     tier = "text"
-    not_budgeted = NOT_BUDGETED
     stable_diffusion = True  # data-free: it runs on a Stable Diffusion teacher too
     scaled = {
         "smoke": Scaled({"iterations": 3, "ddim_steps": 4}, "seconds-long test runs"),
@@ -144,6 +142,7 @@ class TextESD(Method):
             opt.step()
             bar.update()
             ctx.log(step + 1, loss=loss.item(), t=t)
+            ctx.probe(step + 1, lambda: teacher.replaced(unet=unet))
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step + 1})
         bar.close()

@@ -15,7 +15,6 @@ from bench.registry import METHODS
 from bench.text.captions import NULL_PROMPT
 from bench.training import ddpm_loss
 from methods.finetune import Finetune, FinetuneConfig
-from methods.text_esd import NOT_BUDGETED
 
 
 @METHODS.register("text-finetune")
@@ -27,7 +26,6 @@ class TextFinetune(Method):
     tier = "text"
     stable_diffusion = True  # on its VAE's latents (encode_images)
     requires = frozenset({"retain"})
-    not_budgeted = NOT_BUDGETED
     scaled = Finetune.scaled
 
     def unlearn(self, teacher, forget_set, ctx):
@@ -61,6 +59,7 @@ class TextFinetune(Method):
             opt.step()
             bar.update()
             ctx.log(step + 1, loss=loss.item())
+            ctx.probe(step + 1, lambda: teacher.replaced(unet=unet))
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step + 1})
         bar.close()

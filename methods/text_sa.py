@@ -41,7 +41,6 @@ from bench.sampling import autocast
 from bench.text.model import TextDiffusionModel
 from bench.training import EMA
 from methods.sa import FISHER_SEED, REPLAY_SEED, ewc_penalty, stratified_timesteps
-from methods.text_esd import NOT_BUDGETED
 
 CFG = "SA sd/configs/stable-diffusion/forget_brad_pitt.yaml"
 README = "SA sd/README.md"
@@ -117,7 +116,6 @@ class TextSA(Method):
     Config = TextSAConfig
     tier = "text"
     stable_diffusion = True  # on its VAE's latents (encode_images)
-    not_budgeted = NOT_BUDGETED
     default_sweep = False  # its replay and Fisher cost minutes once per teacher: outside the 15-minute sweep
     scaled = {
         "smoke": Scaled({"iterations": 3, "batch_size": 2, "replay_per_class": 1, "surrogates": 2, "sample_steps": 2,
@@ -221,6 +219,7 @@ class TextSA(Method):
             bar.update()
             ctx.log(step + 1, loss=loss.item(), forget=loss_forget.item(), replay=loss_replay.item(),
                     ewc=cfg.lam * penalty.item())  # fmt: skip
+            ctx.probe(step + 1, lambda: teacher.replaced(unet=ema.model))
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                 "step": step + 1})  # fmt: skip

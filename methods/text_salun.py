@@ -38,7 +38,7 @@ from bench.sampling import autocast
 from bench.text.captions import NULL_PROMPT
 from bench.text.model import TextDiffusionModel
 from methods.salun import apply_mask, saliency_mask
-from methods.text_esd import NOT_BUDGETED, text_trainable
+from methods.text_esd import text_trainable
 
 SRC = "SalUn SD/README.md random_label.py"
 MASK = "SalUn SD/train-scripts/generate_mask.py"
@@ -100,7 +100,6 @@ class TextSalUn(Method):
     tier = "text"
     stable_diffusion = True  # on its VAE's latents (encode_images)
     requires = frozenset({"forget", "retain"})
-    not_budgeted = NOT_BUDGETED
     scaled = {
         "smoke": Scaled({"iterations": 3, "batch_size": 4, "mask_images": 8}, "seconds-long test runs"),
         "default": Scaled({"iterations": 300, "mask_images": 512},
@@ -181,6 +180,7 @@ class TextSalUn(Method):
             opt.step()
             bar.update()
             ctx.log(step + 1, loss=loss.item(), forget=loss_forget.item(), retain=loss_retain.item())
+            ctx.probe(step + 1, lambda: teacher.replaced(unet=unet))
             if ctx.should_save(step + 1):
                 ctx.save_state({"unet": unet.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                                 "mask": {k: v.bool().cpu() for k, v in mask.items()}})  # fmt: skip

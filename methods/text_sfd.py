@@ -37,7 +37,6 @@ from bench.sampling import autocast
 from bench.text.captions import NULL_PROMPT
 from bench.text.model import TextDiffusionModel, TextOneStepGenerator
 from methods.sfd import Schedule, fake_score_loss, sid_loss
-from methods.text_esd import NOT_BUDGETED
 
 RS = "SFD SD/run_sfd.sh"
 TL = "SFD SD/training/training_loop.py"
@@ -90,7 +89,6 @@ class TextSFD(Method):
     Config = TextSFDConfig
     tier = "text"
     stable_diffusion = True  # data-free: on a Stable Diffusion teacher, in its latents
-    not_budgeted = NOT_BUDGETED
     # A one-step generator trained for minutes: outside the default text sweep's 15-minute budget.
     default_sweep = False
     scaled = {
@@ -201,6 +199,7 @@ class TextSFD(Method):
             opt_gen.zero_grad(set_to_none=True)
             bar.update()
             ctx.log(step + 1, loss_fake=loss_fake, loss_generator=loss_gen)
+            ctx.probe(step + 1, lambda: teacher.one_step(gen.unet, cfg.t_init))
             if ctx.should_save(step + 1):
                 ctx.save_state({"fake": fake.state_dict(), "generator": gen.unet.state_dict(),
                                 "opt_fake": opt_fake.state_dict(), "opt_generator": opt_gen.state_dict(),

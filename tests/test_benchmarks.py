@@ -111,3 +111,28 @@ def test_the_text_sweep_benchmark_times_every_run(in_tmp, fmnist_dir, monkeypatc
     assert [r["method"] for r in figures["runs"]] == ["text-uce"]
     assert all(0 < r["sample_s"] <= r["total_s"] < figures["total_s"] for r in figures["runs"])
     assert figures["within_budget"] and "text-uce" in text_sweep.table(figures)
+
+
+@pytest.mark.slow  # moved out of the fast suite (its 3-minute limit); runs in CI
+def test_the_text_budget_calibration_clocks_every_budgeted_text_method(in_tmp, fmnist_dir, monkeypatch):
+    """Each text method that takes a budget shows its model to the clock after every iteration (the probe), and
+    the calibration's arithmetic holds: fixed + n per-iteration is the measured clock; the shipped file gains the
+    text dataset's key beside the class tier's."""
+    from benchmarks import budget_calibration_text
+    from benchmarks.budget_calibration import TEXT_METHODS
+
+    monkeypatch.setenv("BENCH_DATA_DIR", str(fmnist_dir.parent))
+    asset = in_tmp.parent / "budgets.json"
+    asset.parent.mkdir(parents=True, exist_ok=True)
+    asset.write_text(json.dumps({"default/fashion-mnist": {"methods": {}}}))
+    figures = budget_calibration_text.run(CPU, preset="smoke", out=in_tmp, asset=asset)
+    costs = figures["methods"]
+    assert set(costs) == set(TEXT_METHODS)
+    for cost in costs.values():
+        assert cost["fixed_s"] + cost["iterations"] * cost["per_iteration_s"] == pytest.approx(
+            cost["measured_s"], abs=0.05
+        )
+    shipped = json.loads(asset.read_text())
+    assert set(shipped) == {"default/fashion-mnist", "smoke/fashion-mnist-text"}
+    assert shipped["smoke/fashion-mnist-text"]["command"].endswith("bench perf budget_calibration_text")
+    assert "text-sfd" in budget_calibration_text.table(figures)
