@@ -82,11 +82,13 @@ def test_bad_budgets_and_clashing_settings_are_errors(calibrated, tmp_path):
         budget.calibration("default", "fashion-mnist", broken)
 
 
-def test_every_method_of_the_default_sweep_but_the_controls_is_in_the_shipped_calibration():
-    """The shipped file covers what `--budget-s` runs by default (sweeps/budgets.toml)."""
-    costs = budget.calibration("default", "fashion-mnist", budget.CALIBRATION)
-    runnable = [m for m in METHODS if METHODS.get(m).default_sweep and not METHODS.get(m).oracle
-                and METHODS.get(m).tier != "text" and not budget.not_budgeted(METHODS.get(m))]  # fmt: skip
+@pytest.mark.parametrize(("dataset", "tier"), [("fashion-mnist", "class"), ("fashion-mnist-text", "text")])
+def test_every_method_of_the_default_sweep_but_the_controls_is_in_the_shipped_calibration(dataset, tier):
+    """The shipped file covers what `--budget-s` runs by default (sweeps/budgets.toml; on the text tier, its
+    default sweep and the methods run by name that take a budget)."""
+    costs = budget.calibration("default", dataset, budget.CALIBRATION)
+    runnable = [m for m in METHODS if METHODS.get(m).tier == tier and not METHODS.get(m).oracle
+                and (METHODS.get(m).default_sweep or tier == "text") and not budget.not_budgeted(METHODS.get(m))]  # fmt: skip
     assert sorted(costs) == sorted(runnable)
     for cost in costs.values():  # fixed + n per-iteration is the measured clock
         assert cost["per_iteration_s"] > 0
@@ -174,3 +176,20 @@ def test_the_report_tabulates_and_plots_at_equal_unlearning_time(tmp_path):
     csv = pd.read_csv(out / "budgets.csv")
     assert sorted(set(csv.budget_s)) == [15.0, 30.0] and set(csv.method) == {"sfd", "esd"}
     assert (out / "budgets.png").is_file() and (out / "budgets.pdf").is_file()
+
+
+def test_a_text_sweep_takes_its_budgets_from_the_text_tiers_calibration(fmnist_dir, caplog):
+    """On fashion-mnist-text the shipped `default/fashion-mnist-text` costs set each text method's iterations;
+    the closed-form edit (text-uce) and the control are left out with why."""
+    costs = budget.calibration("default", "fashion-mnist-text", budget.CALIBRATION)
+    with caplog.at_level(logging.WARNING, logger="bench"):
+        specs = specs_of("--datasets", "fashion-mnist-text", "--forget-sets", "concept-trouser", "--budget-s", "60",
+                         "--data-dir", str(fmnist_dir.parent))  # fmt: skip
+    got = {s.method: dict(s.overrides)["iterations"] for s in specs}
+    assert set(got) == {"text-esd-u", "text-finetune", "text-salun"}  # the default text sweep's budgeted ones
+    for m, n in got.items():
+        assert n == math.floor((60 - costs[m]["fixed_s"]) / costs[m]["per_iteration_s"])
+    assert (
+        "text-uce left out: a closed-form edit" in caplog.text
+        and "original left out: no unlearning" in caplog.text
+    )
