@@ -51,6 +51,7 @@ def test_its_classes_are_clips_prompt_ensembles_and_its_logits_clips_own(clip_di
     assert torch.allclose(logits, scale * F.normalize(feats, dim=-1) @ judge.classes.T, atol=1e-4)
 
 
+@pytest.mark.slow  # 15 s: two smoke runs; in the slow set, still in CI
 def test_bench_run_takes_it_on_the_text_tier_only_with_a_clip(clip_dir, fmnist_dir, tmp_path, capsys):
     from bench.cli import main
     from bench.store import load_results
