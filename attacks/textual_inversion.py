@@ -118,9 +118,9 @@ class TextualInversion(Attack):
         _, row = initializer_row(model.encoder, forget_set.names(forget_set.forget[0]))
         encoder = WithPlaceholder(model.encoder, row).to(ctx.device)
         unet = copy.deepcopy(model.unet).requires_grad_(False).to(ctx.device)
-        attacked = model.replaced(
-            unet=unet, encoder=encoder
-        )  # its kind, schedule (and a Stable Diffusion VAE)
+        # The run's model with the placeholder encoder and a frozen UNet copy: its kind, schedule, t_init and (on a
+        # Stable Diffusion teacher) VAE unchanged.
+        attacked = model.replaced(unet=unet, encoder=encoder)
         templates = forget_set.captions.templates
         opt = torch.optim.Adam([encoder.vector], lr=cfg.lr)
         g, step = ctx.seeded(unit), 0

@@ -205,6 +205,5 @@ class TextSFD(Method):
                                 "opt_fake": opt_fake.state_dict(), "opt_generator": opt_gen.state_dict(),
                                 "step": step + 1})  # fmt: skip
         bar.close()
-        return teacher.one_step(
-            gen.unet.eval(), cfg.t_init
-        )  # on a Stable Diffusion teacher: decoded by its VAE
+        # On a Stable Diffusion teacher the one-step generator's latents are decoded by its VAE.
+        return teacher.one_step(gen.unet.eval(), cfg.t_init)
