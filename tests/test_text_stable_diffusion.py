@@ -1,7 +1,7 @@
 """A Stable Diffusion folder as the text tier's teacher (issue 17, item 5), on a tiny pipeline built from configs with
 random weights, as diffusers' own pipeline tests build theirs, with the offline CLIP tokenizer: it samples as
-StableDiffusionPipeline does, the data-free methods run on it through `bench run --teacher`, and what it
-cannot take is refused with what to do."""
+StableDiffusionPipeline does, every text method and textual inversion run on it through `bench run --teacher`
+and `bench attack`, and what it cannot take is refused with what to do."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_bench_run_refuses_what_cannot_run_on_it(sd_dir, fmnist_dir, tmp_path, c
 
 
 @pytest.mark.slow  # 36 s: in the slow set, still in CI
-def test_bench_run_with_a_stable_diffusion_teacher(sd_dir, fmnist_dir, tmp_path, capsys):
+def test_bench_run_with_a_stable_diffusion_teacher(sd_dir, fmnist_dir, tmp_path):
     """`--teacher DIR` on the text tier: every method that can runs on it end to end, with the dataset's judge
     and tiny CLIP, and its model is a pipeline folder again."""
     from diffusers import StableDiffusionPipeline
