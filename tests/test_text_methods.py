@@ -397,3 +397,24 @@ def test_sa_caches_its_replay_and_fisher_per_teacher(tmp_path, fmnist_dir, monke
     assert cache["images"].shape == (10, 1, 8, 8) and cache["labels"].tolist() == list(range(10))
     _run("text-sa", tmp_path / "b", fmnist_dir.parent)
     assert len(computed) == 1  # reused
+
+
+def test_sas_simple_loss_is_the_ldm_loss_on_diffusers_noised_images():
+    """text-sa's L_simple (ddpm_forget.py:914-923): the element-mean eps-MSE at x_t as diffusers' DDPMScheduler
+    noises x0, t ~ U{0..999} and the noise drawn from the run's generator in that order; gradients reach the UNet."""
+    from bench.models.unet import noise_schedule
+    from methods.text_sa import simple_loss
+
+    model = tiny_model()
+    x0 = torch.rand(3, *model.image_shape) * 2 - 1
+    context = model.encoder(["a photo of a tee", "a bag", "a sneaker"]).detach()
+    sched = noise_schedule()
+    loss = simple_loss(model.unet, x0, context, torch.Generator().manual_seed(5), "cpu", sched.alphas_cumprod)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(1000, (3,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        pred = model.unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+    assert torch.allclose(loss.detach(), ((pred - noise) ** 2).mean(), atol=1e-6)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.unet.parameters())
