@@ -65,6 +65,15 @@ class TextSalUnConfig:
     mask_images: int = param(0, f"{MASK}: one pass over all forget images (0 = all)", valid=Range(0))
 
 
+def relabel_loss(unet, x_t, t, context_forget, context_new) -> torch.Tensor:
+    """random_label.py's forget term: MSE(eps(x_t, p_f), stop-grad eps(x_t, p')), the UNet's own prediction under
+    the relabelled prompt p' as the target, so only the forget prompt's pass carries gradient."""
+    eps_forget = unet(x_t, t, encoder_hidden_states=context_forget).sample
+    with torch.no_grad():
+        eps_new = unet(x_t, t, encoder_hidden_states=context_new).sample
+    return nn.functional.mse_loss(eps_forget.float(), eps_new.float())
+
+
 def mask_gradients(unet, encoder, x, prompts, *, batch_size, guidance, g, device, amp=False, abar=None):
     """generate_mask's sum over in-order forget batches of the gradient of the guided denoising loss (`abar`: the
     model's alphas_cumprod where it is not the harness's)."""
@@ -169,10 +178,7 @@ class TextSalUn(Method):
                 loss_retain = nn.functional.mse_loss(
                     unet(xr_t, t_r.to(dev), encoder_hidden_states=c_r).sample.float(), e_r.to(dev)
                 )
-                eps_forget = unet(xf_t, t_f.to(dev), encoder_hidden_states=c_f).sample
-                with torch.no_grad():
-                    eps_new = unet(xf_t, t_f.to(dev), encoder_hidden_states=c_new).sample
-            loss_forget = nn.functional.mse_loss(eps_forget.float(), eps_new.float())
+                loss_forget = relabel_loss(unet, xf_t, t_f.to(dev), c_f, c_new)
             loss = loss_forget + cfg.alpha * loss_retain
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -418,3 +418,24 @@ def test_sas_simple_loss_is_the_ldm_loss_on_diffusers_noised_images():
     assert torch.allclose(loss.detach(), ((pred - noise) ** 2).mean(), atol=1e-6)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.unet.parameters())
+
+
+def test_saluns_relabel_loss_targets_the_relabelled_prediction_without_its_gradient():
+    """random_label.py's forget term: the target is the UNet's own (stop-gradient) prediction under the anchor's
+    prompt, so the gradient is that of MSE(eps(x_t, p_f), a constant)."""
+    from methods.text_salun import relabel_loss
+
+    model = tiny_model()
+    x_t, t = torch.randn(2, *model.image_shape), torch.tensor([10, 700])
+    c_f, c_new = (model.encoder(p).detach() for p in (["a tee", "a top"], ["a pants", "a trousers"]))
+    loss = relabel_loss(model.unet, x_t, t, c_f, c_new)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.unet.named_parameters() if p.grad is not None}
+    model.unet.zero_grad()
+    with torch.no_grad():
+        target = model.unet(x_t, t, encoder_hidden_states=c_new).sample
+    reference = ((model.unet(x_t, t, encoder_hidden_states=c_f).sample - target) ** 2).mean()
+    assert torch.allclose(loss.detach(), reference.detach(), atol=1e-6)
+    reference.backward()
+    assert ours and all(torch.allclose(g, p.grad, atol=1e-6) for n, p in model.unet.named_parameters()
+                        if (g := ours.get(n)) is not None)  # fmt: skip
