@@ -31,6 +31,8 @@ def figures(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     # An empty user store: SA's replay and Fisher come from the shipped store, as in a fresh `bench run`.
     mp.setenv("BENCH_MODEL_DIR", str(tmp_path_factory.mktemp("models")))
+    # Sampled at the asserted guidance alone: the preset's second condition (guidance 1) is the default table's.
+    mp.setattr("bench.runner.guidances", lambda preset, dataset="": (preset.guidance,))
     out = {}
     try:
         for method in ("original", *BASELINES):
