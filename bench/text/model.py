@@ -176,14 +176,15 @@ class TextDiffusionModel:
         self.schedule = schedule if schedule is not None else noise_schedule()
 
     def with_unet(self, unet: UNet2DConditionModel) -> TextDiffusionModel:
-        """This model with another UNet (a method's result): the same kind, text encoder and schedule."""
-        return TextDiffusionModel(unet, copy.deepcopy(self.encoder), self.schedule)
+        """This model with another UNet (a method's result; every method keeps the text encoder frozen)."""
+        return self.replaced(unet=unet)
 
     def replaced(self, **parts) -> TextDiffusionModel:
         """This model with some of its parts (`unet`, `encoder`) replaced, the rest (its kind, schedule, VAE,
-        t_init) shared: what an attack samples from after it changed one."""
+        t_init) shared, and without the teacher's raw weights: a method's result, or what an attack or a probe
+        samples from."""
         model = copy.copy(self)
-        vars(model).update(parts)
+        vars(model).update({"raw": None, **parts})
         return model
 
     def one_step(self, unet: UNet2DConditionModel, t_init: int) -> TextOneStepGenerator:

@@ -110,10 +110,6 @@ class LatentTextDiffusionModel(TextDiffusionModel):
         super().__init__(unet, encoder, schedule=schedule)
         self.vae = vae
 
-    def with_unet(self, unet) -> LatentTextDiffusionModel:
-        """The encoder and VAE are frozen in every method, so the result shares them with the teacher."""
-        return LatentTextDiffusionModel(unet, self.encoder, self.vae, self.schedule)
-
     def one_step(self, unet, t_init: int) -> LatentTextOneStepGenerator:
         return LatentTextOneStepGenerator(unet, self.encoder, self.vae, self.schedule, t_init=t_init)
 
